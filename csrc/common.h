@@ -1,0 +1,108 @@
+// Shared definitions for the ssld_kernels._C extension: the parameter block every
+// divergence kernel takes, dtype codes, and checks with readable messages.
+//
+// The extension never links libtorch. Python passes raw pointers (as integers), sizes,
+// strides, dtype codes and, for CUDA, a stream handle and a device index. Validation of
+// shapes and dtypes happens in Python; the kernels re-check what would otherwise turn into
+// an out-of-bounds access.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace ssld {
+
+// dtype codes shared with ssld_kernels/divergence.py (_DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+inline const char* dtype_name(int d) {
+  switch (d) {
+    case kFloat32: return "float32";
+    case kFloat16: return "float16";
+    case kBFloat16: return "bfloat16";
+    case kFloat64: return "float64";
+    default: return "unknown";
+  }
+}
+
+// Math (P = softmax(s / T), Q = softmax(t / T), logs natural):
+//   mode 1 (JSD, 0 < beta < 1):  M = beta*Q + (1-beta)*P
+//        A = KL(P || M) = sum_j p_j (log p_j - log M_j),   B = KL(Q || M)
+//   mode 0 (KL family):            A = KL(P || Q),            B = KL(Q || P)
+//   row loss = loss_scale * (coef_a * A + coef_b * B) * weight[row]   (0 where mask[row] == 0)
+// Gradients (g = grad_scale * grad_rows[row * grad_rows_stride] * weight[row]; 0 where masked):
+//   mode 1: dL/ds_j = g * coef_a * p_j (ls_j - A),  dL/dt_j = g * coef_b * q_j (lt_j - B)
+//           with ls_j = log p_j - log M_j, lt_j = log q_j - log M_j
+//   mode 0: dL/ds_j = g * (coef_a * p_j (ls_j - A) + coef_b * (p_j - q_j)),
+//           dL/dt_j = g * (coef_b * q_j (lt_j - B) + coef_a * (q_j - p_j))
+//           with ls_j = log p_j - log q_j, lt_j = -ls_j
+// Terms with p_j == 0 (resp. q_j == 0) contribute exactly 0 (x log x -> 0), NaN propagates.
+// log M is evaluated stably:  d = log q - log p,  z = log1p(w * expm1(-|d|)),
+//   w = beta if d <= 0 else 1 - beta;  log M - log p = z + max(d, 0);  log M - log q = z - min(d, 0)
+// so identical rows give exactly zero loss and gradient.
+struct DivParams {
+  // inputs: 2-D row views, last-dim stride 1, row strides in elements
+  std::uintptr_t s = 0;
+  int s_dtype = kFloat32;
+  std::int64_t s_stride = 0;
+  std::uintptr_t t = 0;
+  int t_dtype = kFloat32;
+  std::int64_t t_stride = 0;
+  std::int64_t n_rows = 0;
+  std::int64_t n_cols = 0;
+
+  int mode = 1;            // 0: KL family, 1: JSD mixture
+  double beta = 0.5;       // teacher weight inside M (mode 1)
+  double coef_a = 0.5;     // loss = coef_a * A + coef_b * B
+  double coef_b = 0.5;
+  double inv_temp = 1.0;   // 1 / T
+  double loss_scale = 1.0; // T^2
+  double grad_scale = 1.0; // T  (= T^2 * d(s/T)/ds)
+
+  // Auxiliary per-row arrays: "acc" dtype = float64 when both inputs are float64, else float32.
+  std::uintptr_t weight = 0;     // nullable, [n_rows] acc dtype, contiguous
+  std::uintptr_t mask = 0;       // nullable, [n_rows] uint8 (bool), contiguous
+  std::uintptr_t grad_rows = 0;  // nullable, acc dtype, element r at grad_rows[r * grad_rows_stride]
+  std::int64_t grad_rows_stride = 0;
+
+  // outputs
+  std::uintptr_t row_loss = 0;   // forward: [n_rows] acc dtype (required for forward)
+  std::uintptr_t stats = 0;      // forward: nullable out; backward: required in. [n_rows, 4] acc dtype
+                                 //   = (lse_s, lse_t, A, B) with lse of the temperature-scaled logits
+  std::uintptr_t grad_s = 0;     // nullable, dtype s_dtype, row stride grad_s_stride, last-dim stride 1
+  std::int64_t grad_s_stride = 0;
+  std::uintptr_t grad_t = 0;     // nullable, dtype t_dtype
+  std::int64_t grad_t_stride = 0;
+
+  int num_threads = 1;           // CPU: threads to use (torch.get_num_threads())
+  std::uintptr_t stream = 0;     // CUDA: cudaStream_t
+  int device = 0;                // CUDA: device index of every pointer
+};
+
+inline void check(bool cond, const std::string& msg) {
+  if (!cond) throw std::invalid_argument(msg);
+}
+
+// Checks shared by every backend; called at the top of each entry point.
+inline void check_div_params(const DivParams& p, bool backward) {
+  check(p.n_rows >= 0, "n_rows must be >= 0");
+  check(p.n_cols >= 1 || p.n_rows == 0, "n_cols must be >= 1");
+  check(p.mode == 0 || p.mode == 1, "mode must be 0 (kl family) or 1 (jsd)");
+  check(p.s_dtype >= 0 && p.s_dtype <= 3, "unsupported student dtype code");
+  check(p.t_dtype >= 0 && p.t_dtype <= 3, "unsupported teacher dtype code");
+  check((p.s_dtype == kFloat64) == (p.t_dtype == kFloat64),
+        "float64 logits need float64 for both student and teacher");
+  check(p.inv_temp > 0.0, "inv_temp must be > 0");
+  if (p.n_rows == 0) return;
+  check(p.s != 0 && p.t != 0, "null logits pointer");
+  if (backward) {
+    check(p.stats != 0, "backward needs stats");
+    check(p.grad_rows != 0, "backward needs grad_rows");
+  } else {
+    check(p.row_loss != 0, "forward needs row_loss");
+  }
+  if (p.grad_s != 0 || p.grad_t != 0) check(p.grad_rows != 0, "gradients need grad_rows");
+}
+
+}  // namespace ssld

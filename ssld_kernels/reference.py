@@ -1,0 +1,218 @@
+"""Plain-PyTorch reference of every ssld_kernels op: the executable specification.
+
+Everything here is readable, differentiable PyTorch. It is the ``torch`` backend and the
+oracle the compiled backends are tested against (run it on float64 inputs for that).
+
+Softmax divergence (class dimension last, every leading dimension is a row)::
+
+    P = softmax(student / T)        Q = softmax(teacher / T)
+    kind="jsd", 0 < beta < 1:  M = beta*Q + (1-beta)*P
+                               loss = beta*KL(Q||M) + (1-beta)*KL(P||M)
+    kind="jsd", beta == 0:     loss = KL(Q||P)          (TRL's generalized_jsd_loss limits)
+    kind="jsd", beta == 1:     loss = KL(P||Q)
+    kind="sym_kl":             loss = 0.5*(KL(Q||P) + KL(P||Q))
+    kind="kl":                 loss = KL(Q||P)          (Hinton's KD term)
+    every kind is multiplied by T**2, then by weight[row]; rows with mask False give 0.
+
+All kinds are written through two row sums,
+
+    A = sum_j p_j (log p_j - log X_j)      B = sum_j q_j (log q_j - log Y_j)
+
+with X = Y = M for the JSD mixture (mode 1) and X = Q, Y = P for the KL family (mode 0), so
+``loss = coef_a*A + coef_b*B``. The closed-form gradients (with ls = log p - log X,
+lt = log q - log Y) are
+
+    mode 1: dL/ds = T * coef_a * p * (ls - A)              dL/dt = T * coef_b * q * (lt - B)
+    mode 0: dL/ds = T * (coef_a*p*(ls - A) + coef_b*(p-q)) dL/dt = T * (coef_b*q*(lt - B) + coef_a*(q-p))
+
+Terms with p == 0 (or q == 0) are exactly 0 (x log x -> 0, which makes -inf logits work);
+NaN propagates. log M is evaluated as
+
+    d = log q - log p,  z = log1p(w * expm1(-|d|)),  w = beta if d <= 0 else 1 - beta
+    log M - log p = z + max(d, 0),   log M - log q = z - min(d, 0)
+
+which is exact for identical rows (zero loss and zero gradient) and never forms 0 * inf.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DivSpec",
+    "make_spec",
+    "divergence_rows",
+    "divergence_rows_and_grad",
+    "softmax_divergence",
+]
+
+KINDS = ("jsd", "sym_kl", "kl")
+REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+class DivSpec(NamedTuple):
+    """Static description of one divergence: what the kernels are specialised on."""
+
+    mode: int  # 0: KL family, 1: JSD mixture
+    beta: float  # teacher weight inside M (mode 1)
+    coef_a: float  # loss = coef_a * A + coef_b * B
+    coef_b: float
+    inv_temp: float  # 1 / T
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 / self.inv_temp
+
+
+def make_spec(kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0) -> DivSpec:
+    """Map the public (kind, beta, temperature) onto the kernels' (mode, coefficients)."""
+    inv_temp = 1.0 / float(temperature)
+    if kind == "jsd":
+        beta = float(beta)
+        if beta == 0.0:
+            return DivSpec(0, 0.0, 0.0, 1.0, inv_temp)  # KL(Q||P) = B
+        if beta == 1.0:
+            return DivSpec(0, 1.0, 1.0, 0.0, inv_temp)  # KL(P||Q) = A
+        return DivSpec(1, beta, 1.0 - beta, beta, inv_temp)
+    if kind == "sym_kl":
+        return DivSpec(0, 0.5, 0.5, 0.5, inv_temp)
+    if kind == "kl":
+        return DivSpec(0, 0.0, 0.0, 1.0, inv_temp)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if all(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _xlogy_terms(spec: DivSpec, logp: Tensor, logq: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (ls, lt): log p - log X and log q - log Y, elementwise."""
+    if spec.mode == 0:
+        ls = logp - logq
+        return ls, -ls
+    d = logq - logp
+    w = torch.where(d <= 0, spec.beta, 1.0 - spec.beta)
+    z = torch.log1p(w * torch.expm1(-d.abs()))
+    log_m_minus_logp = z + d.clamp(min=0)
+    log_m_minus_logq = z - d.clamp(max=0)
+    return -log_m_minus_logp, -log_m_minus_logq
+
+
+def _masked_product(prob: Tensor, value: Tensor) -> Tensor:
+    """prob * value with 0 where prob == 0 (so 0 * inf = 0), NaN kept."""
+    return torch.where(prob == 0, torch.zeros_like(value), prob * value)
+
+
+def _row_stats(spec: DivSpec, s: Tensor, t: Tensor):
+    acc = _acc_dtype(s, t)
+    logp = torch.log_softmax(s.to(acc) * spec.inv_temp, dim=-1)
+    logq = torch.log_softmax(t.to(acc) * spec.inv_temp, dim=-1)
+    p, q = logp.exp(), logq.exp()
+    ls, lt = _xlogy_terms(spec, logp, logq)
+    a = _masked_product(p, ls).sum(-1)
+    b = _masked_product(q, lt).sum(-1)
+    return p, q, ls, lt, a, b
+
+
+
+
+def divergence_rows(
+    spec: DivSpec, s: Tensor, t: Tensor, weight: Tensor | None = None, mask: Tensor | None = None
+) -> Tensor:
+    """Per-row loss of 2-D logits (n, C): T^2 * (coef_a*A + coef_b*B) * weight, 0 where masked."""
+    if mask is not None:  # masked rows compute on zeros: exact 0 loss and 0 gradient, even for NaN
+        keep = mask.bool()[:, None]
+        s = torch.where(keep, s, torch.zeros_like(s))
+        t = torch.where(keep, t, torch.zeros_like(t))
+    _, _, _, _, a, b = _row_stats(spec, s, t)
+    loss = (spec.coef_a * a + spec.coef_b * b) * spec.temperature**2
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    if mask is not None:
+        loss = torch.where(mask.bool(), loss, torch.zeros_like(loss))
+    return loss
+
+
+def divergence_rows_and_grad(
+    spec: DivSpec,
+    s: Tensor,
+    t: Tensor,
+    grad_rows: Tensor,
+    weight: Tensor | None = None,
+    mask: Tensor | None = None,
+    need_grad_t: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per-row loss and the closed-form gradients of sum_r grad_rows[r] * loss[r]."""
+    p, q, ls, lt, a, b = _row_stats(spec, s, t)
+    loss = (spec.coef_a * a + spec.coef_b * b) * spec.temperature**2
+    g = grad_rows.to(loss.dtype).expand(loss.shape[0]) * spec.temperature
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+        g = g * weight.to(loss.dtype)
+    if mask is not None:
+        keep = mask.bool()
+        loss = torch.where(keep, loss, torch.zeros_like(loss))
+        g = torch.where(keep, g, torch.zeros_like(g))
+    g = g[:, None]
+    grad_s = spec.coef_a * _masked_product(p, ls - a[:, None])
+    if spec.mode == 0:
+        grad_s = grad_s + spec.coef_b * (p - q)
+    grad_s = g * grad_s
+    if mask is not None:  # masked rows get exactly 0, even where their logits are NaN
+        grad_s = torch.where(mask.bool()[:, None], grad_s, torch.zeros_like(grad_s))
+    grad_t = None
+    if need_grad_t:
+        grad_t = spec.coef_b * _masked_product(q, lt - b[:, None])
+        if spec.mode == 0:
+            grad_t = grad_t + spec.coef_a * (q - p)
+        grad_t = g * grad_t
+        if mask is not None:
+            grad_t = torch.where(mask.bool()[:, None], grad_t, torch.zeros_like(grad_t))
+        grad_t = grad_t.to(t.dtype)
+    return loss, grad_s.to(s.dtype), grad_t
+
+
+def reduce_rows(row_loss: Tensor, reduction: str, mask: Tensor | None, lead_shape) -> Tensor:
+    """Apply a reduction to per-row losses. mean/batchmean divide by the unmasked row count."""
+    if reduction == "none":
+        return row_loss.reshape(lead_shape)
+    total = row_loss.sum()
+    if reduction == "sum":
+        return total
+    return total / row_count(row_loss.shape[0], mask, row_loss.dtype, row_loss.device)
+
+
+def row_count(n: int, mask: Tensor | None, dtype, device) -> Tensor | float:
+    """Number of rows a mean divides by (at least 1, so an empty batch gives 0, not NaN)."""
+    if mask is None:
+        return float(max(n, 1))
+    return mask.reshape(-1).sum().clamp(min=1).to(dtype)
+
+
+def softmax_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    weight: Tensor | None = None,
+    mask: Tensor | None = None,
+    teacher_grad: bool = False,
+) -> Tensor:
+    """Reference implementation of :func:`ssld_kernels.softmax_divergence` (no validation)."""
+    spec = make_spec(kind, beta, temperature)
+    lead = student_logits.shape[:-1]
+    c = student_logits.shape[-1]
+    s = student_logits.reshape(-1, c)
+    t = teacher_logits.reshape(-1, c)
+    if not teacher_grad:
+        t = t.detach()
+    w = None if weight is None else weight.reshape(-1)
+    m = None if mask is None else mask.reshape(-1)
+    rows = divergence_rows(spec, s, t, w, m)
+    return reduce_rows(rows, reduction, m, lead)
