@@ -1,0 +1,47 @@
+// pybind11 module ssld_kernels._C: the parameter block and the kernel entry points.
+#include <pybind11/pybind11.h>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace ssld {
+const char* cpu_isa();
+void divergence_forward_cpu(const DivParams& p);
+void divergence_backward_cpu(const DivParams& p);
+#ifdef SSLD_WITH_CUDA
+void divergence_forward_cuda(const DivParams& p);
+void divergence_backward_cuda(const DivParams& p);
+int cuda_device_count();
+#endif
+}  // namespace ssld
+
+template <void (*F)(const ssld::DivParams&)>
+void run_released(const ssld::DivParams& p) {
+  py::gil_scoped_release release;
+  F(p);
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ssld_kernels compiled kernels (C++ CPU, CUDA when built with it)";
+  py::class_<ssld::DivParams>(m, "DivParams")
+      .def(py::init<>())
+#define F(name) .def_readwrite(#name, &ssld::DivParams::name)
+      F(s) F(s_dtype) F(s_stride) F(t) F(t_dtype) F(t_stride) F(n_rows) F(n_cols)
+      F(mode) F(beta) F(coef_a) F(coef_b) F(inv_temp) F(loss_scale) F(grad_scale)
+      F(weight) F(mask) F(grad_rows) F(grad_rows_stride) F(row_loss) F(stats)
+      F(grad_s) F(grad_s_stride) F(grad_t) F(grad_t_stride) F(num_threads) F(stream) F(device);
+#undef F
+  m.def("cpu_isa", &ssld::cpu_isa, "instruction set of the CPU kernels in use");
+  m.def("divergence_forward_cpu", &run_released<ssld::divergence_forward_cpu>);
+  m.def("divergence_backward_cpu", &run_released<ssld::divergence_backward_cpu>);
+#ifdef SSLD_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("cuda_device_count", &ssld::cuda_device_count);
+  m.def("divergence_forward_cuda", &run_released<ssld::divergence_forward_cuda>);
+  m.def("divergence_backward_cuda", &run_released<ssld::divergence_backward_cuda>);
+#else
+  m.attr("with_cuda") = false;
+  m.def("cuda_device_count", []() { return 0; });
+#endif
+}

@@ -1,0 +1,27 @@
+"""ssld_kernels: fused kernels for knowledge distillation.
+
+Softmax + divergence losses (JSD, symmetric KL, KL) forward and backward in one pass from
+logits, on CUDA, Triton, C++ CPU and plain PyTorch backends. ``python -m ssld_kernels``
+lists the backends available here and why any is missing.
+"""
+
+__version__ = "0.1.0"
+
+from ssld_kernels._backends import available_backends
+from ssld_kernels.divergence import (
+    JSDLoss,
+    KLDivLoss,
+    SymmetricKLLoss,
+    softmax_divergence,
+    softmax_divergence_and_grad,
+)
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "softmax_divergence",
+    "softmax_divergence_and_grad",
+    "JSDLoss",
+    "SymmetricKLLoss",
+    "KLDivLoss",
+]

@@ -1,0 +1,150 @@
+"""Backend discovery and selection.
+
+Backends of the divergence loss, fastest first for each device:
+  cuda    hand-written CUDA kernels in ssld_kernels._C (built when nvcc was found)
+  triton  Triton kernels (GPU; on CPU only under TRITON_INTERPRET=1, for testing)
+  cpu     multi-threaded, vectorised C++ kernels in ssld_kernels._C
+  torch   the plain-PyTorch reference (always available, any device, also float64)
+
+``backend=None`` or ``"auto"`` reads SSLD_KERNELS_BACKEND, else picks the first backend in
+that order that is available for the tensors' device and dtypes. Everything here is resolved
+from static facts (device type, dtype, environment), never from tensor values.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+ENV_VAR = "SSLD_KERNELS_BACKEND"
+_LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_ext():
+    """Return (module or None, reason it is missing)."""
+    try:
+        from ssld_kernels import _C  # noqa: F401
+    except ImportError as e:
+        return None, f"ssld_kernels._C could not be imported ({e}); reinstall with `pip install .`"
+    return _C, ""
+
+
+def ext():
+    return _load_ext()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    return True, ""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext_status():
+    mod = ext()
+    if mod is None:
+        return False, _load_ext()[1]
+    if not mod.with_cuda:
+        return False, "ssld_kernels._C was built without CUDA (nvcc not found or SSLD_CUDA=0)"
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch"
+    if mod.cuda_device_count() == 0:
+        return False, "the extension's CUDA runtime sees no device (driver too old?)"
+    return True, ""
+
+
+def backend_status(device_type: str | None = None) -> dict[str, tuple[bool, str]]:
+    """For each backend: (available, reason when not) for tensors on ``device_type``.
+
+    ``device_type=None`` answers "usable on some device of this machine".
+    """
+    out = {}
+    on_gpu = device_type in (None, "cuda")
+    on_cpu = device_type in (None, "cpu")
+    ok, why = _cuda_ext_status()
+    out["cuda"] = (ok and on_gpu, why or ("cuda tensors only" if not on_gpu else ""))
+    ok, why = _triton_status()
+    if ok:
+        if device_type == "cpu" and not triton_interpret():
+            ok, why = False, "CPU tensors need TRITON_INTERPRET=1 (slow; for testing)"
+        elif device_type == "cuda" or (device_type is None and not triton_interpret()):
+            if not torch.cuda.is_available():
+                ok, why = False, "no CUDA device (set TRITON_INTERPRET=1 to run on CPU)"
+    out["triton"] = (ok, why)
+    mod = ext()
+    if mod is None:
+        out["cpu"] = (False, _load_ext()[1])
+    else:
+        out["cpu"] = (on_cpu, "" if on_cpu else "cpu tensors only")
+    out["torch"] = (True, "")
+    return out
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends usable for tensors on ``device`` (default: any device of this machine)."""
+    dtype = None if device is None else torch.device(device).type
+    return [name for name, (ok, _) in backend_status(dtype).items() if ok]
+
+
+def supports_dtype(backend: str, dtype: torch.dtype) -> bool:
+    if dtype == torch.float64:
+        return backend in ("cpu", "torch")
+    return dtype in _LOW_PRECISION
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(requested: str, device_type: str, dtypes: tuple) -> str:
+    status = backend_status(device_type)
+    if requested == "auto":
+        order = ("cpu", "torch") if device_type == "cpu" else ("cuda", "triton", "torch")
+        for name in order:
+            if status[name][0] and all(supports_dtype(name, d) for d in dtypes):
+                return name
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
+    ok, why = status[requested]
+    if not ok:
+        raise RuntimeError(f"backend {requested!r} is not available for {device_type} tensors: {why}")
+    for d in dtypes:
+        if not supports_dtype(requested, d):
+            raise TypeError(f"backend {requested!r} does not support dtype {d}")
+    return requested
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtypes: tuple) -> str:
+    """Pick the backend for tensors on ``device`` with ``dtypes`` (static information only)."""
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto") or "auto"
+    return _resolve(requested.lower(), device.type, tuple(dtypes))
+
+
+def describe() -> str:
+    """Human-readable report: version, backends and why any is missing."""
+    from ssld_kernels import __version__
+
+    lines = [f"ssld_kernels {__version__} (torch {torch.__version__})"]
+    mod = ext()
+    if mod is not None:
+        lines.append(f"  extension: {mod.__file__}")
+        lines.append(f"    cpu kernels: {mod.cpu_isa()}; cuda kernels: {'yes' if mod.with_cuda else 'no'}")
+    try:
+        import triton
+
+        lines.append(f"  triton {triton.__version__} (TRITON_INTERPRET={'1' if triton_interpret() else '0'})")
+    except ImportError:
+        pass
+    lines.append(f"  {ENV_VAR}={os.environ.get(ENV_VAR, '') or '(unset: auto)'}")
+    for name, (ok, why) in backend_status(None).items():
+        lines.append(f"  {name:7s} {'available' if ok else 'missing'}{'' if ok else ': ' + why}")
+    return "\n".join(lines)

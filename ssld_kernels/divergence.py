@@ -1,0 +1,499 @@
+"""Fused softmax + divergence losses (JSD, symmetric KL, KL) from logits.
+
+Layering (as in flash-attention's interface): compiled kernels (``_C`` cpu/cuda, Triton) ->
+private ``torch.library.custom_op`` with ``register_fake`` -> autograd -> public function ->
+``nn.Module``. The math is in :mod:`ssld_kernels.reference` (the executable spec).
+
+Kernel contract shared by every backend (``_launch_forward`` / ``_launch_backward``):
+2-D logits (n, C) with last-dim stride 1 and any row stride; per-row float32 (float64 for
+float64 inputs) ``row_loss`` and ``stats = (lse_s, lse_t, A, B)``; gradients in the logits'
+dtypes. The backward reuses ``stats``, so it is one pass over the logits.
+"""
+
+import math
+from numbers import Real
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ssld_kernels import reference
+from ssld_kernels._backends import ext, resolve_backend
+from ssld_kernels.reference import DivSpec, make_spec
+
+__all__ = [
+    "softmax_divergence",
+    "softmax_divergence_and_grad",
+    "JSDLoss",
+    "SymmetricKLLoss",
+    "KLDivLoss",
+]
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers for the compiled extension (cpu, cuda); the Triton ones live in triton/divergence.py
+# ----------------------------------------------------------------------------------------------
+
+
+def _ext_params(s, t, weight, mask, spec: DivSpec, grad_rows):
+    p = ext().DivParams()
+    p.s, p.s_dtype, p.s_stride = s.data_ptr(), _DTYPE_CODES[s.dtype], s.stride(0)
+    p.t, p.t_dtype, p.t_stride = t.data_ptr(), _DTYPE_CODES[t.dtype], t.stride(0)
+    p.n_rows, p.n_cols = s.shape
+    p.mode, p.beta, p.coef_a, p.coef_b, p.inv_temp = spec
+    temperature = 1.0 / spec.inv_temp
+    p.loss_scale, p.grad_scale = temperature * temperature, temperature
+    if weight is not None:
+        p.weight = weight.data_ptr()
+    if mask is not None:
+        p.mask = mask.data_ptr()
+    if grad_rows is not None:
+        p.grad_rows, p.grad_rows_stride = grad_rows.data_ptr(), grad_rows.stride(0)
+    if s.is_cuda:
+        p.device = s.device.index
+        p.stream = torch.cuda.current_stream(s.device).cuda_stream
+    else:
+        p.num_threads = torch.get_num_threads()
+    return p
+
+
+def _ext_forward(s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t):
+    n, c = s.shape
+    acc = _acc(s.dtype)
+    row_loss = s.new_empty(n, dtype=acc)
+    stats = s.new_empty((n, 4), dtype=acc)
+    grad_s = torch.empty((n, c), dtype=s.dtype, device=s.device) if need_grad_s else None
+    grad_t = torch.empty((n, c), dtype=t.dtype, device=t.device) if need_grad_t else None
+    p = _ext_params(s, t, weight, mask, spec, grad_rows)
+    p.row_loss, p.stats = row_loss.data_ptr(), stats.data_ptr()
+    if grad_s is not None:
+        p.grad_s, p.grad_s_stride = grad_s.data_ptr(), c
+    if grad_t is not None:
+        p.grad_t, p.grad_t_stride = grad_t.data_ptr(), c
+    (ext().divergence_forward_cuda if s.is_cuda else ext().divergence_forward_cpu)(p)
+    return row_loss, stats, grad_s, grad_t
+
+
+def _ext_backward(s, t, weight, mask, stats, grad_rows, spec, need_grad_s, need_grad_t):
+    n, c = s.shape
+    grad_s = torch.empty((n, c), dtype=s.dtype, device=s.device) if need_grad_s else None
+    grad_t = torch.empty((n, c), dtype=t.dtype, device=t.device) if need_grad_t else None
+    p = _ext_params(s, t, weight, mask, spec, grad_rows)
+    p.stats = stats.data_ptr()
+    if grad_s is not None:
+        p.grad_s, p.grad_s_stride = grad_s.data_ptr(), c
+    if grad_t is not None:
+        p.grad_t, p.grad_t_stride = grad_t.data_ptr(), c
+    (ext().divergence_backward_cuda if s.is_cuda else ext().divergence_backward_cpu)(p)
+    return grad_s, grad_t
+
+
+def _launchers(backend: str):
+    if backend == "triton":
+        from ssld_kernels.triton import divergence as tr
+
+        return tr.divergence_forward, tr.divergence_backward
+    return _ext_forward, _ext_backward
+
+
+def _mask_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def _empty_grad(x: Tensor) -> Tensor:
+    return x.new_empty(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile, with fake (meta) implementations
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ssld_kernels::divergence_fwd", mutates_args=())
+def _divergence_fwd(
+    s: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    mask: Optional[Tensor],
+    mode: int,
+    beta: float,
+    coef_a: float,
+    coef_b: float,
+    inv_temp: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Per-row loss (n,) and saved statistics (n, 4) of 2-D logits."""
+    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
+    row_loss, stats, _, _ = _launchers(backend)[0](
+        s, t, weight, _mask_u8(mask), spec, None, False, False
+    )
+    return row_loss, stats
+
+
+@_divergence_fwd.register_fake
+def _(s, t, weight, mask, mode, beta, coef_a, coef_b, inv_temp, backend):
+    acc = _acc(s.dtype)
+    n = s.shape[0]
+    return s.new_empty((n,), dtype=acc), s.new_empty((n, 4), dtype=acc)
+
+
+@torch.library.custom_op("ssld_kernels::divergence_bwd", mutates_args=())
+def _divergence_bwd(
+    s: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    mask: Optional[Tensor],
+    stats: Tensor,
+    grad_rows: Tensor,
+    mode: int,
+    beta: float,
+    coef_a: float,
+    coef_b: float,
+    inv_temp: float,
+    need_grad_s: bool,
+    need_grad_t: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor]:
+    """Gradients of sum_r grad_rows[r] * row_loss[r]; a skipped gradient is an empty tensor."""
+    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
+    gs, gt = _launchers(backend)[1](
+        s, t, weight, _mask_u8(mask), stats, grad_rows, spec, need_grad_s, need_grad_t
+    )
+    return (
+        gs if gs is not None else _empty_grad(s),
+        gt if gt is not None else _empty_grad(t),
+    )
+
+
+@_divergence_bwd.register_fake
+def _(s, t, weight, mask, stats, grad_rows, mode, beta, coef_a, coef_b, inv_temp, ngs, ngt, backend):
+    gs = torch.empty_like(s, memory_format=torch.contiguous_format) if ngs else _empty_grad(s)
+    gt = torch.empty_like(t, memory_format=torch.contiguous_format) if ngt else _empty_grad(t)
+    return gs, gt
+
+
+@torch.library.custom_op("ssld_kernels::divergence_fwd_grad", mutates_args=())
+def _divergence_fwd_grad(
+    s: Tensor,
+    t: Tensor,
+    weight: Optional[Tensor],
+    mask: Optional[Tensor],
+    grad_rows: Tensor,
+    mode: int,
+    beta: float,
+    coef_a: float,
+    coef_b: float,
+    inv_temp: float,
+    need_grad_t: bool,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Fused: per-row loss and the gradients of sum_r grad_rows[r] * row_loss[r], one pass."""
+    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
+    row_loss, _, gs, gt = _launchers(backend)[0](
+        s, t, weight, _mask_u8(mask), spec, grad_rows, True, need_grad_t
+    )
+    return row_loss, gs, gt if gt is not None else _empty_grad(t)
+
+
+@_divergence_fwd_grad.register_fake
+def _(s, t, weight, mask, grad_rows, mode, beta, coef_a, coef_b, inv_temp, need_grad_t, backend):
+    n = s.shape[0]
+    gs = torch.empty_like(s, memory_format=torch.contiguous_format)
+    gt = torch.empty_like(t, memory_format=torch.contiguous_format) if need_grad_t else _empty_grad(t)
+    return s.new_empty((n,), dtype=_acc(s.dtype)), gs, gt
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    s, t, weight, mask, mode, beta, coef_a, coef_b, inv_temp, backend = inputs
+    ctx.save_for_backward(s, t, weight, mask, output[1])
+    ctx.spec = (mode, beta, coef_a, coef_b, inv_temp)
+    ctx.backend = backend
+
+
+def _fwd_backward(ctx, grad_row_loss, _grad_stats):
+    s, t, weight, mask, stats = ctx.saved_tensors
+    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_row_loss is None or not (need_s or need_t):
+        return (None,) * 10
+    grad_rows = grad_row_loss.to(stats.dtype)
+    gs, gt = _divergence_bwd(
+        s, t, weight, mask, stats, grad_rows, *ctx.spec, need_s, need_t, ctx.backend
+    )
+    return (gs if need_s else None, gt if need_t else None) + (None,) * 8
+
+
+torch.library.register_autograd(
+    "ssld_kernels::divergence_fwd", _fwd_backward, setup_context=_fwd_setup_context
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and the public API
+# ----------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _prepare(student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend):
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"{name} must have at least 1 dimension (classes last), got a scalar")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} must be float32, float16, bfloat16 or float64 logits, got {x.dtype}"
+            )
+    s, t = student_logits, teacher_logits
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"class dimension mismatch: student_logits has {s.shape[-1]} classes "
+            f"(shape {tuple(s.shape)}), teacher_logits has {t.shape[-1]} (shape {tuple(t.shape)})"
+        )
+    if s.shape != t.shape:
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(s.shape)} vs teacher_logits {tuple(t.shape)}"
+        )
+    if s.device != t.device:
+        raise ValueError(
+            f"student_logits is on {s.device} but teacher_logits is on {t.device}"
+        )
+    if (s.dtype == torch.float64) != (t.dtype == torch.float64):
+        raise TypeError(
+            f"float64 logits need float64 for both: student_logits is {s.dtype}, "
+            f"teacher_logits is {t.dtype}"
+        )
+    if kind not in reference.KINDS:
+        raise ValueError(f"kind must be one of {reference.KINDS}, got {kind!r}")
+    if reduction not in reference.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+    if not isinstance(beta, Real) or not (0.0 <= float(beta) <= 1.0):
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if not isinstance(temperature, Real) or not (
+        math.isfinite(float(temperature)) and float(temperature) > 0
+    ):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    c = s.shape[-1]
+    lead = s.shape[:-1]
+    n = math.prod(lead)
+    if c == 0 and n > 0:
+        raise ValueError(f"student_logits has 0 classes (shape {tuple(s.shape)})")
+    if weight is not None:
+        if not isinstance(weight, Tensor) or not weight.is_floating_point():
+            raise TypeError(f"weight must be a floating-point tensor, got {_describe(weight)}")
+        if weight.shape != lead:
+            raise ValueError(
+                f"weight must have the logits' leading shape {tuple(lead)}, got {tuple(weight.shape)}"
+            )
+        if weight.device != s.device:
+            raise ValueError(f"weight is on {weight.device} but the logits are on {s.device}")
+        weight = weight.detach().reshape(-1).to(_acc(s.dtype)).contiguous()
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {_describe(mask)}")
+        if mask.shape != lead:
+            raise ValueError(
+                f"mask must have the logits' leading shape {tuple(lead)}, got {tuple(mask.shape)}"
+            )
+        if mask.device != s.device:
+            raise ValueError(f"mask is on {mask.device} but the logits are on {s.device}")
+        mask = mask.reshape(-1).contiguous()
+    name = resolve_backend(backend, s.device, (s.dtype, t.dtype))
+    s2, t2 = _rows(s, c), _rows(t, c)
+    return s2, t2, weight, mask, make_spec(kind, beta, temperature), lead, name
+
+
+def _describe(x) -> str:
+    return f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+
+
+def _rows(x: Tensor, c: int) -> Tensor:
+    """(..., C) -> (n, C) view with unit class stride; copies only when no such view exists."""
+    x2 = x.reshape(-1, c) if c > 0 else x.reshape(-1, 0)
+    if c > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+def softmax_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    weight: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    teacher_grad: bool = False,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Divergence between softmax(student/T) and softmax(teacher/T), times T^2, from logits.
+
+    Args:
+        student_logits, teacher_logits: (..., C) float logits, class dimension last; dtypes may
+            differ (float32/float16/bfloat16; float64 on the cpu and torch backends).
+        kind: "jsd" (beta*KL(Pt||M) + (1-beta)*KL(Ps||M), M = beta*Pt + (1-beta)*Ps; beta=0 is
+            exactly KL(Pt||Ps), beta=1 exactly KL(Ps||Pt)), "sym_kl" (0.5*(KL(Pt||Ps) +
+            KL(Ps||Pt))) or "kl" (KL(Pt||Ps), Hinton's KD term).
+        reduction: "none" (leading shape), "sum", "mean"/"batchmean" (sum over unmasked rows
+            divided by their count, on the device).
+        weight: per-row factor (leading shape); treated as a constant. mask: bool (leading
+            shape); rows where it is False give 0 loss and 0 gradient.
+        teacher_grad: also back-propagate into teacher_logits.
+        backend: "auto" (default, or SSLD_KERNELS_BACKEND), "cuda", "triton", "cpu", "torch".
+
+    Returns the loss in float32 (float64 for float64 inputs).
+    """
+    s, t, w, m, spec, lead, name = _prepare(
+        student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
+    )
+    if not teacher_grad:
+        t = t.detach()
+    if name == "torch":
+        rows = reference.divergence_rows(spec, s, t, w, m)
+    else:
+        rows, _ = _divergence_fwd(s, t, w, m, *spec, name)
+    return reference.reduce_rows(rows, reduction, m, lead)
+
+
+def softmax_divergence_and_grad(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    weight: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    teacher_grad: bool = False,
+    backend: Optional[str] = None,
+):
+    """Loss and d(loss)/d(student_logits) from one fused pass (no autograd graph).
+
+    Same arguments as :func:`softmax_divergence`. For ``reduction="none"`` the gradient is that
+    of ``loss.sum()``. Returns ``(loss, grad_student)`` with ``grad_student`` shaped and typed
+    like ``student_logits``; with ``teacher_grad=True`` returns ``(loss, grad_student,
+    grad_teacher)``. For loops that call ``student_logits.backward(grad)`` themselves.
+    """
+    s, t, w, m, spec, lead, name = _prepare(
+        student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
+    )
+    s, t = s.detach(), t.detach()
+    n = s.shape[0]
+    acc = _acc(s.dtype)
+    if reduction in ("mean", "batchmean"):
+        count = reference.row_count(n, m, acc, s.device)
+        if isinstance(count, Tensor):
+            grad_rows = count.reciprocal().reshape(1).expand(n)
+        else:
+            grad_rows = torch.full((1,), 1.0 / count, dtype=acc, device=s.device).expand(n)
+    else:
+        grad_rows = torch.ones((1,), dtype=acc, device=s.device).expand(n)
+    if name == "torch":
+        rows, gs, gt = reference.divergence_rows_and_grad(spec, s, t, grad_rows, w, m, teacher_grad)
+    else:
+        rows, gs, gt = _divergence_fwd_grad(s, t, w, m, grad_rows, *spec, teacher_grad, name)
+    loss = reference.reduce_rows(rows, reduction, m, lead)
+    gs = gs.reshape(student_logits.shape)
+    if teacher_grad:
+        return loss, gs, gt.reshape(teacher_logits.shape)
+    return loss, gs
+
+
+class _DivergenceLoss(nn.Module):
+    kind = "jsd"
+
+    def __init__(self, reduction="batchmean", temperature=1.0, beta=0.5, backend=None):
+        super().__init__()
+        self.reduction, self.temperature, self.beta, self.backend = (
+            reduction,
+            temperature,
+            beta,
+            backend,
+        )
+        make_spec(self.kind, beta, temperature)  # validate early
+        if reduction not in reference.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
+
+    def forward(self, student_logits, teacher_logits, weight=None, mask=None):
+        return softmax_divergence(
+            student_logits,
+            teacher_logits,
+            kind=self.kind,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            weight=weight,
+            mask=mask,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return f"reduction={self.reduction!r}, temperature={self.temperature}"
+
+
+class JSDLoss(_DivergenceLoss):
+    """Generalised Jensen-Shannon divergence between student and teacher softmaxes.
+
+    ``loss = T^2 * (beta*KL(Pt||M) + (1-beta)*KL(Ps||M))``, ``M = beta*Pt + (1-beta)*Ps``,
+    ``Ps = softmax(student/T)``, ``Pt = softmax(teacher/T)``; beta=0.5 is the paper's JSD,
+    beta=0 is exactly KL(Pt||Ps) and beta=1 exactly KL(Ps||Pt).
+
+    Shapes: logits (..., C); loss scalar (or leading shape with reduction="none").
+
+    Example::
+
+        loss_fn = JSDLoss()
+        loss = loss_fn(student(x), teacher(x).detach())
+        loss.backward()
+    """
+
+    kind = "jsd"
+
+    def __init__(self, beta=0.5, reduction="batchmean", temperature=1.0, backend=None):
+        if not isinstance(beta, Real) or not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        super().__init__(reduction, temperature, beta, backend)
+
+    def extra_repr(self):
+        return f"beta={self.beta}, " + super().extra_repr()
+
+
+class SymmetricKLLoss(_DivergenceLoss):
+    """``T^2 * 0.5*(KL(Pt||Ps) + KL(Ps||Pt))``: PaddleClas's SSLD training loss.
+
+    Shapes: logits (..., C); loss scalar (or leading shape with reduction="none").
+
+    Example::
+
+        loss = SymmetricKLLoss()(student_logits, teacher_logits)
+    """
+
+    kind = "sym_kl"
+
+    def __init__(self, reduction="batchmean", temperature=1.0, backend=None):
+        super().__init__(reduction, temperature, 0.5, backend)
+
+
+class KLDivLoss(_DivergenceLoss):
+    """``T^2 * KL(Pt||Ps)`` from logits: Hinton's knowledge-distillation term.
+
+    Shapes: logits (..., C); loss scalar (or leading shape with reduction="none").
+
+    Example::
+
+        loss = KLDivLoss(temperature=4.0)(student_logits, teacher_logits)
+    """
+
+    kind = "kl"
+
+    def __init__(self, reduction="batchmean", temperature=1.0, backend=None):
+        super().__init__(reduction, temperature, 0.0, backend)

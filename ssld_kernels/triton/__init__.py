@@ -1,0 +1,1 @@
+"""Triton kernels of ssld_kernels (fused softmax divergence: ``ssld_kernels.triton.divergence``)."""
