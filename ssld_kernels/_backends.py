@@ -123,10 +123,18 @@ def _resolve(requested: str, device_type: str, dtypes: tuple) -> str:
     return requested
 
 
-def resolve_backend(backend: str | None, device: torch.device, dtypes: tuple) -> str:
-    """Pick the backend for tensors on ``device`` with ``dtypes`` (static information only)."""
+@torch.compiler.assume_constant_result
+def _resolve_static(backend: str | None, device_type: str, dtypes: tuple) -> str:
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto") or "auto"
-    return _resolve(requested.lower(), device.type, tuple(dtypes))
+    return _resolve(requested.lower(), device_type, dtypes)
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtypes: tuple) -> str:
+    """Pick the backend for tensors on ``device`` with ``dtypes`` (static information only).
+
+    torch.compile evaluates this once while tracing and bakes the answer into the graph.
+    """
+    return _resolve_static(backend, device.type, tuple(dtypes))
 
 
 def describe() -> str:

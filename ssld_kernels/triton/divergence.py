@@ -1,0 +1,508 @@
+"""Fused softmax + divergence loss from logits, forward and backward, in Triton.
+
+The math is the one of ``csrc/common.h`` (comment above ``struct DivParams``) and of
+``ssld_kernels/reference.py`` (the executable specification). With T = 1 / inv_temp,
+P = softmax(s / T) and Q = softmax(t / T) per row::
+
+    mode 1 (JSD):       M = beta*Q + (1-beta)*P,  A = KL(P || M),  B = KL(Q || M)
+    mode 0 (KL family): A = KL(P || Q),           B = KL(Q || P)
+    row_loss[r] = T^2 * (coef_a*A + coef_b*B) * weight[r]          (0 where mask[r] == 0)
+
+and, with g = T * grad_rows[r] * weight[r] (0 where masked), ls = log p - log X,
+lt = log q - log Y (X = Y = M in mode 1, X = Q and Y = P in mode 0)::
+
+    mode 1: dL/ds = g * coef_a * p * (ls - A)
+            dL/dt = g * coef_b * q * (lt - B)
+    mode 0: dL/ds = g * (coef_a * p * (ls - A) + coef_b * (p - q))
+            dL/dt = g * (coef_b * q * (lt - B) + coef_a * (q - p))
+
+Terms with p == 0 (q == 0) are exactly 0, NaN propagates, and log M is formed stably as
+``log M - log p = log1p(w * expm1(-|d|)) + max(d, 0)`` with d = log q - log p, so identical
+rows give exactly zero loss and gradient.
+
+Kernels: one program per row, looping over the classes in chunks of ``BLOCK``:
+
+* ``_divergence_fwd_kernel``: pass 1 online max / sum-exp of s and t (log-sum-exp),
+  pass 2 the sums A and B, and, when gradients are requested (the fused path), pass 3
+  writes dL/ds and/or dL/dt. Saves ``stats[r] = (lse_s, lse_t, A, B)``.
+* ``_divergence_bwd_kernel``: one pass that rebuilds p and q from the saved stats.
+
+All accumulation is float32; the logits may be float32 / float16 / bfloat16 independently,
+with any row stride (last-dim stride 1). Nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["divergence_forward", "divergence_backward"]
+
+# Largest chunk of classes a program holds at once. 4096 fp32 lanes over 16 warps is
+# 8 elements per thread per live vector, which keeps the JSD pass well inside the registers.
+MAX_BLOCK = 4096
+
+
+# ----------------------------------------------------------------------------------------
+# Elementwise helpers
+# ----------------------------------------------------------------------------------------
+# tl.math has no expm1 / log1p, and libdevice (tl.extra) is not available under
+# TRITON_INTERPRET=1, so both are written out here, accurate to a few float32 ulps:
+#   expm1(x): degree-8 Taylor polynomial for |x| < 0.5 (truncation < 1e-8 relative),
+#             exp(x) - 1 otherwise (no cancellation there: |expm1(x)| >= 0.39).
+#   log1p(y): for -0.5 < y < 1, log1p(y) = 2 atanh(r) with r = y / (2 + y), |r| < 1/3,
+#             as an odd series through r^15 (truncation < 4e-9 relative);
+#             otherwise log(u) - ((u - 1) - y) / u with u = 1 + y (the correction is the
+#             rounding error of u; it is exactly 0 for y <= -0.5, where u is exact).
+@triton.jit
+def _expm1(x):
+    small = x * (
+        1.0
+        + x
+        * (
+            1.0 / 2.0
+            + x
+            * (
+                1.0 / 6.0
+                + x
+                * (
+                    1.0 / 24.0
+                    + x
+                    * (
+                        1.0 / 120.0
+                        + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0)))
+                    )
+                )
+            )
+        )
+    )
+    return tl.where(tl.abs(x) < 0.5, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _log1p(y):
+    r = y / (2.0 + y)
+    r2 = r * r
+    series = (2.0 * r) * (
+        1.0
+        + r2
+        * (
+            1.0 / 3.0
+            + r2
+            * (
+                1.0 / 5.0
+                + r2
+                * (
+                    1.0 / 7.0
+                    + r2
+                    * (
+                        1.0 / 9.0
+                        + r2 * (1.0 / 11.0 + r2 * (1.0 / 13.0 + r2 * (1.0 / 15.0)))
+                    )
+                )
+            )
+        )
+    )
+    u = 1.0 + y
+    large = tl.log(u) - tl.where(y > 0.0, ((u - 1.0) - y) / u, 0.0)
+    return tl.where((y > -0.5) & (y < 1.0), series, large)
+
+
+@triton.jit
+def _log_ratios(logp, logq, beta, MODE: tl.constexpr):
+    """(ls, lt) = (log p - log X, log q - log Y), elementwise."""
+    if MODE == 0:
+        ls = logp - logq
+        lt = -ls
+    else:
+        # log M - log p = z + max(d, 0), log M - log q = z - min(d, 0)
+        d = logq - logp
+        w = tl.where(d <= 0.0, beta, 1.0 - beta)
+        z = _log1p(w * _expm1(-tl.abs(d)))
+        ls = -(z + tl.maximum(d, 0.0))
+        lt = -(z - tl.minimum(d, 0.0))
+    return ls, lt
+
+
+@triton.jit
+def _load_logits(row_ptr, cols, n_cols, n_load, inv_temp):
+    """Temperature-scaled float32 logits of one chunk; -inf past the row end.
+
+    Only the first ``n_load`` classes are read: n_load = 0 for masked rows, which then see
+    all-zero logits (uniform P and Q: zero loss and finite intermediates, whatever their
+    memory holds)."""
+    x = tl.load(row_ptr + cols, mask=cols < n_load, other=0.0)
+    return tl.where(cols < n_cols, x.to(tl.float32) * inv_temp, float("-inf"))
+
+
+@triton.jit
+def _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE: tl.constexpr):
+    """(dL/ds, dL/dt) of one chunk; the p == 0 (q == 0) terms are exactly 0."""
+    gs = coef_a * tl.where(p == 0.0, 0.0, p * (ls - a))
+    gt = coef_b * tl.where(q == 0.0, 0.0, q * (lt - b))
+    if MODE == 0:
+        gs = gs + coef_b * (p - q)
+        gt = gt + coef_a * (q - p)
+    return g * gs, g * gt
+
+
+@triton.jit
+def _row_scale(
+    row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT: tl.constexpr
+):
+    """g = grad_scale * grad_rows[row] * weight[row], 0 for masked rows."""
+    g = tl.load(grad_rows_ptr + row * grad_rows_stride).to(tl.float32) * grad_scale
+    if HAS_WEIGHT:
+        g = g * tl.load(weight_ptr + row).to(tl.float32)
+    return tl.where(keep, g, 0.0)
+
+
+# ----------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------
+# For row r (x_s = s[r] / T, x_t = t[r] / T, classes j < C):
+#   pass 1: lse_s = log sum_j exp(x_s_j), lse_t = log sum_j exp(x_t_j)
+#           online over chunks: m' = max(m, max_j x_j), d' = d exp(m - m') + sum_j exp(x_j - m')
+#           (with m' = -inf treated as 0, so fully -inf chunks add 0 instead of NaN)
+#   pass 2: log p = x_s - lse_s, log q = x_t - lse_t,  (ls, lt) as in _log_ratios,
+#           A = sum_j [p_j != 0] p_j ls_j,  B = sum_j [q_j != 0] q_j lt_j
+#           row_loss = T^2 (coef_a A + coef_b B) weight[r],  stats[r] = (lse_s, lse_t, A, B)
+#   pass 3 (WRITE_GRAD_S / WRITE_GRAD_T): the gradients of the module docstring with
+#           g = T grad_rows[r] weight[r]; masked rows write exact zeros.
+@triton.jit
+def _divergence_fwd_kernel(
+    s_ptr,
+    s_stride,
+    t_ptr,
+    t_stride,
+    weight_ptr,
+    mask_ptr,
+    grad_rows_ptr,
+    grad_rows_stride,
+    loss_ptr,
+    stats_ptr,
+    grad_s_ptr,
+    grad_t_ptr,
+    n_cols,
+    beta,
+    coef_a,
+    coef_b,
+    inv_temp,
+    loss_scale,
+    grad_scale,
+    MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GRAD_S: tl.constexpr,
+    WRITE_GRAD_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+        n_load = tl.where(keep, n_cols, 0)
+    else:
+        keep = True
+        n_load = n_cols
+
+    # pass 1: log-sum-exp of both rows
+    m_s = float("-inf")
+    d_s = 0.0
+    m_t = float("-inf")
+    d_t = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        xs = _load_logits(s_row, cols, n_cols, n_load, inv_temp)
+        xt = _load_logits(t_row, cols, n_cols, n_load, inv_temp)
+        new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+        new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+        shift_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
+        shift_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
+        d_s = d_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(xs - shift_s), axis=0)
+        d_t = d_t * tl.exp(m_t - shift_t) + tl.sum(tl.exp(xt - shift_t), axis=0)
+        m_s = new_m_s
+        m_t = new_m_t
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+
+    # pass 2: A and B
+    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - lse_s
+        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - lse_t
+        p = tl.exp(logp)
+        q = tl.exp(logq)
+        ls, lt = _log_ratios(logp, logq, beta, MODE)
+        acc_a += tl.where(p == 0.0, 0.0, p * ls)
+        acc_b += tl.where(q == 0.0, 0.0, q * lt)
+    a = tl.sum(acc_a, axis=0)
+    b = tl.sum(acc_b, axis=0)
+
+    loss = loss_scale * (coef_a * a + coef_b * b)
+    if HAS_WEIGHT:
+        loss = loss * tl.load(weight_ptr + row).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+    stats_row = stats_ptr + row * 4
+    tl.store(stats_row + 0, lse_s)
+    tl.store(stats_row + 1, lse_t)
+    tl.store(stats_row + 2, a)
+    tl.store(stats_row + 3, b)
+
+    # pass 3 (fused path): gradients
+    if WRITE_GRAD_S or WRITE_GRAD_T:
+        g = _row_scale(
+            row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT
+        )
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            in_row = cols < n_cols
+            logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - lse_s
+            logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - lse_t
+            p = tl.exp(logp)
+            q = tl.exp(logq)
+            ls, lt = _log_ratios(logp, logq, beta, MODE)
+            gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
+            if WRITE_GRAD_S:
+                gs = tl.where(keep, gs, 0.0)
+                out = grad_s_ptr + row * n_cols + cols
+                tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
+            if WRITE_GRAD_T:
+                gt = tl.where(keep, gt, 0.0)
+                out = grad_t_ptr + row * n_cols + cols
+                tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+
+
+# ----------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------
+# One pass per row from the saved stats (lse_s, lse_t, A, B):
+#   log p = s / T - lse_s,  log q = t / T - lse_t,  (ls, lt) as in _log_ratios,
+#   dL/ds, dL/dt as in the module docstring with g = T grad_rows[r] weight[r]
+#   (grad_rows read on the device, any stride including 0); masked rows write exact zeros
+#   and read no logits.
+@triton.jit
+def _divergence_bwd_kernel(
+    s_ptr,
+    s_stride,
+    t_ptr,
+    t_stride,
+    weight_ptr,
+    mask_ptr,
+    grad_rows_ptr,
+    grad_rows_stride,
+    stats_ptr,
+    grad_s_ptr,
+    grad_t_ptr,
+    n_cols,
+    beta,
+    coef_a,
+    coef_b,
+    inv_temp,
+    grad_scale,
+    MODE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    WRITE_GRAD_S: tl.constexpr,
+    WRITE_GRAD_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    offs = tl.arange(0, BLOCK)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + row) != 0
+        n_load = tl.where(keep, n_cols, 0)
+    else:
+        keep = True
+        n_load = n_cols
+
+    stats_row = stats_ptr + row * 4
+    lse_s = tl.load(stats_row + 0).to(tl.float32)
+    lse_t = tl.load(stats_row + 1).to(tl.float32)
+    a = tl.load(stats_row + 2).to(tl.float32)
+    b = tl.load(stats_row + 3).to(tl.float32)
+    g = _row_scale(row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT)
+
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        in_row = cols < n_cols
+        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - lse_s
+        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - lse_t
+        p = tl.exp(logp)
+        q = tl.exp(logq)
+        ls, lt = _log_ratios(logp, logq, beta, MODE)
+        gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
+        if WRITE_GRAD_S:
+            gs = tl.where(keep, gs, 0.0)
+            out = grad_s_ptr + row * n_cols + cols
+            tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
+        if WRITE_GRAD_T:
+            gt = tl.where(keep, gt, 0.0)
+            out = grad_t_ptr + row * n_cols + cols
+            tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------
+def _block_config(n_cols: int, block: int | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps): the whole row in one chunk up to MAX_BLOCK classes, and about
+    eight fp32 elements per thread (1 warp up to 256 classes, 16 warps at 4096)."""
+    if block is None:
+        block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
+    block = max(int(block), 16)
+    if block & (block - 1):
+        raise ValueError(f"BLOCK must be a power of two, got {block}")
+    num_warps = max(1, min(16, block // 256))
+    return block, num_warps
+
+
+def _device_guard(x: torch.Tensor):
+    if x.is_cuda:
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def _check_logits(s: torch.Tensor, t: torch.Tensor) -> None:
+    if s.dim() != 2 or t.dim() != 2:
+        raise ValueError(f"logits must be 2-D (rows, classes), got {tuple(s.shape)} and {tuple(t.shape)}")
+    if s.shape != t.shape:
+        raise ValueError(f"student and teacher shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+    if s.shape[1] > 1 and (s.stride(1) != 1 or t.stride(1) != 1):
+        raise ValueError("logits need a unit stride along the class dimension")
+
+
+def _row_args(weight, mask, grad_rows):
+    """Kernel arguments for the optional per-row arrays (unused pointers are None)."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = mask.view(torch.uint8)
+    grad_rows_stride = 0 if grad_rows is None else grad_rows.stride(0)
+    return weight, mask, grad_rows, grad_rows_stride
+
+
+def _divergence_forward(
+    s, t, weight, mask, spec, grad_rows=None, need_grad_s=False, need_grad_t=False, block=None
+):
+    _check_logits(s, t)
+    n, n_cols = s.shape
+    if (need_grad_s or need_grad_t) and grad_rows is None:
+        raise ValueError("gradients need grad_rows")
+    row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
+    stats = torch.empty((n, 4), dtype=torch.float32, device=s.device)
+    grad_s = torch.empty((n, n_cols), dtype=s.dtype, device=s.device) if need_grad_s else None
+    grad_t = torch.empty((n, n_cols), dtype=t.dtype, device=t.device) if need_grad_t else None
+    if n == 0:
+        return row_loss, stats, grad_s, grad_t
+    weight, mask, grad_rows, grad_rows_stride = _row_args(weight, mask, grad_rows)
+    if not (need_grad_s or need_grad_t):
+        grad_rows, grad_rows_stride = None, 0
+    block, num_warps = _block_config(n_cols, block)
+    temperature = 1.0 / float(spec.inv_temp)
+    with _device_guard(s):
+        _divergence_fwd_kernel[(n,)](
+            s,
+            s.stride(0),
+            t,
+            t.stride(0),
+            weight,
+            mask,
+            grad_rows,
+            grad_rows_stride,
+            row_loss,
+            stats,
+            grad_s,
+            grad_t,
+            n_cols,
+            float(spec.beta),
+            float(spec.coef_a),
+            float(spec.coef_b),
+            float(spec.inv_temp),
+            temperature * temperature,
+            temperature,
+            MODE=int(spec.mode),
+            HAS_WEIGHT=weight is not None,
+            HAS_MASK=mask is not None,
+            WRITE_GRAD_S=bool(need_grad_s),
+            WRITE_GRAD_T=bool(need_grad_t),
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    return row_loss, stats, grad_s, grad_t
+
+
+def _divergence_backward(
+    s, t, weight, mask, stats, grad_rows, spec, need_grad_s=True, need_grad_t=False, block=None
+):
+    _check_logits(s, t)
+    n, n_cols = s.shape
+    grad_s = torch.empty((n, n_cols), dtype=s.dtype, device=s.device) if need_grad_s else None
+    grad_t = torch.empty((n, n_cols), dtype=t.dtype, device=t.device) if need_grad_t else None
+    if n == 0 or not (need_grad_s or need_grad_t):
+        return grad_s, grad_t
+    if grad_rows is None or stats is None:
+        raise ValueError("backward needs stats and grad_rows")
+    if stats.shape != (n, 4) or not stats.is_contiguous():
+        raise ValueError(f"stats must be a contiguous ({n}, 4) tensor, got {tuple(stats.shape)}")
+    weight, mask, grad_rows, grad_rows_stride = _row_args(weight, mask, grad_rows)
+    block, num_warps = _block_config(n_cols, block)
+    temperature = 1.0 / float(spec.inv_temp)
+    with _device_guard(s):
+        _divergence_bwd_kernel[(n,)](
+            s,
+            s.stride(0),
+            t,
+            t.stride(0),
+            weight,
+            mask,
+            grad_rows,
+            grad_rows_stride,
+            stats,
+            grad_s,
+            grad_t,
+            n_cols,
+            float(spec.beta),
+            float(spec.coef_a),
+            float(spec.coef_b),
+            float(spec.inv_temp),
+            temperature,
+            MODE=int(spec.mode),
+            HAS_WEIGHT=weight is not None,
+            HAS_MASK=mask is not None,
+            WRITE_GRAD_S=bool(need_grad_s),
+            WRITE_GRAD_T=bool(need_grad_t),
+            BLOCK=block,
+            num_warps=num_warps,
+        )
+    return grad_s, grad_t
+
+
+# ----------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------
+def divergence_forward(s, t, weight, mask, spec, grad_rows=None, need_grad_s=False, need_grad_t=False):
+    """-> (row_loss[n] float32, stats[n,4] float32 = (lse_s, lse_t, A, B), grad_s or None, grad_t or None)
+
+    ``s``, ``t``: (n, C) logits (float32 / float16 / bfloat16, unit class stride, any row
+    stride). ``weight``: None or float32 (n,). ``mask``: None or bool / uint8 (n,).
+    With ``need_grad_s`` / ``need_grad_t`` the gradients of sum_r grad_rows[r] * row_loss[r]
+    are produced by the same kernel launch (``grad_rows``: float32, n elements, any stride).
+    """
+    return _divergence_forward(s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t)
+
+
+def divergence_backward(s, t, weight, mask, stats, grad_rows, spec, need_grad_s=True, need_grad_t=False):
+    """-> (grad_s or None, grad_t or None)
+
+    Gradients of sum_r grad_rows[r] * row_loss[r] from the ``stats`` saved by
+    :func:`divergence_forward`, in one kernel launch and one pass over each row.
+    """
+    return _divergence_backward(s, t, weight, mask, stats, grad_rows, spec, need_grad_s, need_grad_t)
