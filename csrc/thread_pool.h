@@ -29,7 +29,6 @@
 #include <thread>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #include <unistd.h>
 
@@ -119,11 +118,14 @@ class ThreadPool {
     flag = saved;
   }
 
+  // Workers are detached: the pool lives until the process exits, and they only ever block
+  // on its condition variable.
   void ensure_workers(int count) {
-    while (static_cast<int>(workers_.size()) < count) {
-      const int idx = static_cast<int>(workers_.size());
+    while (num_workers_ < count) {
+      const int idx = num_workers_;
       const std::uint64_t seen = generation_.load(std::memory_order_acquire);
-      workers_.emplace_back([this, idx, seen] { worker_loop(idx, seen); });
+      std::thread([this, idx, seen] { worker_loop(idx, seen); }).detach();
+      ++num_workers_;
     }
   }
 
@@ -185,7 +187,7 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_cv_;
   std::condition_variable done_cv_;
-  std::vector<std::thread> workers_;
+  int num_workers_ = 0;  // guarded by call_mutex_
   std::atomic<std::uint64_t> generation_{0};
   std::atomic<std::uint64_t> claim_{0};
   std::atomic<int> pending_{0};

@@ -23,7 +23,7 @@ ENV_VAR = "SSLD_KERNELS_BACKEND"
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_ext():
     """Return (module or None, reason it is missing)."""
     try:
@@ -37,7 +37,7 @@ def ext():
     return _load_ext()[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_status():
     try:
         import triton  # noqa: F401
@@ -50,7 +50,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_ext_status():
     mod = ext()
     if mod is None:
@@ -103,7 +103,7 @@ def supports_dtype(backend: str, dtype: torch.dtype) -> bool:
     return dtype in _LOW_PRECISION
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _resolve(requested: str, device_type: str, dtypes: tuple) -> str:
     status = backend_status(device_type)
     if requested == "auto":
@@ -116,7 +116,9 @@ def _resolve(requested: str, device_type: str, dtypes: tuple) -> str:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
     ok, why = status[requested]
     if not ok:
-        raise RuntimeError(f"backend {requested!r} is not available for {device_type} tensors: {why}")
+        raise RuntimeError(
+            f"backend {requested!r} is not available for {device_type} tensors: {why}"
+        )
     for d in dtypes:
         if not supports_dtype(requested, d):
             raise TypeError(f"backend {requested!r} does not support dtype {d}")
@@ -145,11 +147,15 @@ def describe() -> str:
     mod = ext()
     if mod is not None:
         lines.append(f"  extension: {mod.__file__}")
-        lines.append(f"    cpu kernels: {mod.cpu_isa()}; cuda kernels: {'yes' if mod.with_cuda else 'no'}")
+        lines.append(
+            f"    cpu kernels: {mod.cpu_isa()}; cuda kernels: {'yes' if mod.with_cuda else 'no'}"
+        )
     try:
         import triton
 
-        lines.append(f"  triton {triton.__version__} (TRITON_INTERPRET={'1' if triton_interpret() else '0'})")
+        lines.append(
+            f"  triton {triton.__version__} (TRITON_INTERPRET={'1' if triton_interpret() else '0'})"
+        )
     except ImportError:
         pass
     lines.append(f"  {ENV_VAR}={os.environ.get(ENV_VAR, '') or '(unset: auto)'}")

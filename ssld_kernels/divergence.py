@@ -12,7 +12,7 @@ dtypes. The backward reuses ``stats``, so it is one pass over the logits.
 
 import math
 from numbers import Real
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -127,7 +127,7 @@ def _divergence_fwd(
     coef_b: float,
     inv_temp: float,
     backend: str,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Per-row loss (n,) and saved statistics (n, 4) of 2-D logits."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
     row_loss, stats, _, _ = _launchers(backend)[0](
@@ -159,7 +159,7 @@ def _divergence_bwd(
     need_grad_s: bool,
     need_grad_t: bool,
     backend: str,
-) -> Tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:
     """Gradients of sum_r grad_rows[r] * row_loss[r]; a skipped gradient is an empty tensor."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
     gs, gt = _launchers(backend)[1](
@@ -172,7 +172,9 @@ def _divergence_bwd(
 
 
 @_divergence_bwd.register_fake
-def _(s, t, weight, mask, stats, grad_rows, mode, beta, coef_a, coef_b, inv_temp, ngs, ngt, backend):
+def _(
+    s, t, weight, mask, stats, grad_rows, mode, beta, coef_a, coef_b, inv_temp, ngs, ngt, backend
+):
     gs = torch.empty_like(s, memory_format=torch.contiguous_format) if ngs else _empty_grad(s)
     gt = torch.empty_like(t, memory_format=torch.contiguous_format) if ngt else _empty_grad(t)
     return gs, gt
@@ -192,7 +194,7 @@ def _divergence_fwd_grad(
     inv_temp: float,
     need_grad_t: bool,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Fused: per-row loss and the gradients of sum_r grad_rows[r] * row_loss[r], one pass."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
     row_loss, _, gs, gt = _launchers(backend)[0](
@@ -205,7 +207,11 @@ def _divergence_fwd_grad(
 def _(s, t, weight, mask, grad_rows, mode, beta, coef_a, coef_b, inv_temp, need_grad_t, backend):
     n = s.shape[0]
     gs = torch.empty_like(s, memory_format=torch.contiguous_format)
-    gt = torch.empty_like(t, memory_format=torch.contiguous_format) if need_grad_t else _empty_grad(t)
+    gt = (
+        torch.empty_like(t, memory_format=torch.contiguous_format)
+        if need_grad_t
+        else _empty_grad(t)
+    )
     return s.new_empty((n,), dtype=_acc(s.dtype)), gs, gt
 
 
@@ -240,7 +246,9 @@ torch.library.register_autograd(
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def _prepare(student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend):
+def _prepare(
+    student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
+):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -261,9 +269,7 @@ def _prepare(student_logits, teacher_logits, kind, beta, temperature, reduction,
             f"shape mismatch: student_logits {tuple(s.shape)} vs teacher_logits {tuple(t.shape)}"
         )
     if s.device != t.device:
-        raise ValueError(
-            f"student_logits is on {s.device} but teacher_logits is on {t.device}"
-        )
+        raise ValueError(f"student_logits is on {s.device} but teacher_logits is on {t.device}")
     if (s.dtype == torch.float64) != (t.dtype == torch.float64):
         raise TypeError(
             f"float64 logits need float64 for both: student_logits is {s.dtype}, "

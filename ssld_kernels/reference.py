@@ -117,8 +117,6 @@ def _row_stats(spec: DivSpec, s: Tensor, t: Tensor):
     return p, q, ls, lt, a, b
 
 
-
-
 def divergence_rows(
     spec: DivSpec, s: Tensor, t: Tensor, weight: Tensor | None = None, mask: Tensor | None = None
 ) -> Tensor:

@@ -1,10 +1,8 @@
 """Fused softmax-divergence loss: every backend against float64 oracles."""
 
-import math
-
 import pytest
 import torch
-from _helpers import backend_params, naive_divergence_rows, rel_err
+from _helpers import backend_params, naive_divergence_rows
 
 import ssld_kernels as sk
 from ssld_kernels import reference
@@ -101,7 +99,9 @@ def test_teacher_grad(backend, device):
     t = _logits(6, 50, torch.float32, device).requires_grad_()
     for kind, beta in [("jsd", 0.3), ("sym_kl", 0.5), ("kl", 0.0), ("jsd", 1.0)]:
         s.grad = t.grad = None
-        sk.softmax_divergence(s, t, kind=kind, beta=beta, teacher_grad=True, backend=backend).backward()
+        sk.softmax_divergence(
+            s, t, kind=kind, beta=beta, teacher_grad=True, backend=backend
+        ).backward()
         s64 = s.detach().double().cpu().requires_grad_()
         t64 = t.detach().double().cpu().requires_grad_()
         naive_divergence_rows(s64, t64, kind, beta, 1.0).mean().backward()
@@ -131,7 +131,14 @@ def test_scipy_jensenshannon(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("sdtype,tdtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "sdtype,tdtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float16),
+        (torch.float16, torch.bfloat16),
+    ],
+)
 def test_mixed_dtypes(backend, device, sdtype, tdtype):
     s = _logits(4, 300, sdtype, device).requires_grad_()
     t = _logits(4, 300, tdtype, device)
@@ -174,14 +181,18 @@ def test_edge_values(backend, device):
     t = _logits(6, c, torch.float32, device)
     # identical rows: exactly zero loss and gradient, for every kind and beta
     for kind, beta in KINDS:
-        loss, g = sk.softmax_divergence_and_grad(s, s.clone(), kind=kind, beta=beta, backend=backend)
+        loss, g = sk.softmax_divergence_and_grad(
+            s, s.clone(), kind=kind, beta=beta, backend=backend
+        )
         assert loss.item() == 0.0 and torch.all(g == 0), (kind, beta)
     # -inf in the same classes of student and teacher (masked vocabulary): finite and correct
     s2, t2 = s.clone(), t.clone()
     s2[:, 10:20] = float("-inf")
     t2[:, 10:20] = float("-inf")
     for kind, beta in KINDS:
-        loss, g = sk.softmax_divergence_and_grad(s2, t2, kind=kind, beta=beta, reduction="none", backend=backend)
+        loss, g = sk.softmax_divergence_and_grad(
+            s2, t2, kind=kind, beta=beta, reduction="none", backend=backend
+        )
         keep = torch.cat([torch.arange(0, 10), torch.arange(20, c)])
         ref = naive_divergence_rows(s[:, keep].cpu(), t[:, keep].cpu(), kind, beta, 1.0)
         assert torch.isfinite(loss).all() and torch.isfinite(g).all()
@@ -197,8 +208,12 @@ def test_edge_values(backend, device):
     big = s * 1e4 / s.abs().max()
     bigt = t * 1e4 / t.abs().max()
     for kind, beta in KINDS:
-        loss, g = sk.softmax_divergence_and_grad(big, bigt, kind=kind, beta=beta, reduction="none", backend=backend)
-        ref = reference.divergence_rows(reference.make_spec(kind, beta), big.double().cpu(), bigt.double().cpu())
+        loss, g = sk.softmax_divergence_and_grad(
+            big, bigt, kind=kind, beta=beta, reduction="none", backend=backend
+        )
+        ref = reference.divergence_rows(
+            reference.make_spec(kind, beta), big.double().cpu(), bigt.double().cpu()
+        )
         assert torch.isfinite(g).all()
         torch.testing.assert_close(loss.double().cpu(), ref, rtol=1e-4, atol=1e-2)
     # NaN in -> NaN out (never a silent 0); other rows unaffected
@@ -244,8 +259,16 @@ def test_gradcheck_float64(backend):
     t = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64) + 0.5
     for kind, beta in KINDS:
-        fn = lambda a, b: sk.softmax_divergence(
-            a, b, kind=kind, beta=beta, temperature=1.7, weight=w, teacher_grad=True, reduction="none", backend=backend
+        fn = lambda a, b, kind=kind, beta=beta: sk.softmax_divergence(
+            a,
+            b,
+            kind=kind,
+            beta=beta,
+            temperature=1.7,
+            weight=w,
+            teacher_grad=True,
+            reduction="none",
+            backend=backend,
         )
         assert torch.autograd.gradcheck(fn, (s, t))
 
@@ -255,9 +278,12 @@ def test_modules():
     t = torch.randn(4, 20)
     torch.testing.assert_close(sk.JSDLoss(beta=0.3)(s, t), sk.softmax_divergence(s, t, beta=0.3))
     torch.testing.assert_close(
-        sk.SymmetricKLLoss(temperature=2.0)(s, t), sk.softmax_divergence(s, t, kind="sym_kl", temperature=2.0)
+        sk.SymmetricKLLoss(temperature=2.0)(s, t),
+        sk.softmax_divergence(s, t, kind="sym_kl", temperature=2.0),
     )
-    torch.testing.assert_close(sk.KLDivLoss(reduction="sum")(s, t), sk.softmax_divergence(s, t, kind="kl", reduction="sum"))
+    torch.testing.assert_close(
+        sk.KLDivLoss(reduction="sum")(s, t), sk.softmax_divergence(s, t, kind="kl", reduction="sum")
+    )
     assert "beta=0.3" in repr(sk.JSDLoss(beta=0.3))
     with pytest.raises(ValueError, match="beta"):
         sk.JSDLoss(beta=1.5)

@@ -83,7 +83,10 @@ def test_auto_picks_compiled_cpu_kernel():
     assert "torch" in sk.available_backends()
     if "cpu" in sk.available_backends("cpu"):
         assert _backends.resolve_backend(None, torch.device("cpu"), (torch.float32,)) == "cpu"
-    assert _backends.resolve_backend("auto", torch.device("cpu"), (torch.float64,)) in ("cpu", "torch")
+    assert _backends.resolve_backend("auto", torch.device("cpu"), (torch.float64,)) in (
+        "cpu",
+        "torch",
+    )
 
 
 def _op_backends():
@@ -102,7 +105,8 @@ def test_opcheck(backend):
     _, stats = ops.divergence_fwd(s.detach(), t, w, m, 1, 0.5, 0.5, 0.5, 1.0, backend)
     g = torch.rand(5)
     torch.library.opcheck(
-        ops.divergence_bwd, (s.detach(), t, w, m, stats, g, 1, 0.5, 0.5, 0.5, 1.0, True, True, backend)
+        ops.divergence_bwd,
+        (s.detach(), t, w, m, stats, g, 1, 0.5, 0.5, 0.5, 1.0, True, True, backend),
     )
     torch.library.opcheck(
         ops.divergence_fwd_grad, (s.detach(), t, w, m, g, 0, 0.5, 0.5, 0.5, 1.0, False, backend)
@@ -140,7 +144,9 @@ def test_torch_compile_inductor_fused_grad():
         pytest.skip("cpu backend missing")
     torch._dynamo.reset()
     s, t = _xy(6, 40)
-    fn = torch.compile(lambda a, b: sk.softmax_divergence_and_grad(a, b * 2, kind="sym_kl"), fullgraph=True)
+    fn = torch.compile(
+        lambda a, b: sk.softmax_divergence_and_grad(a, b * 2, kind="sym_kl"), fullgraph=True
+    )
     loss, g = fn(s, t)
     ref_l, ref_g = sk.softmax_divergence_and_grad(s, t * 2, kind="sym_kl")
     torch.testing.assert_close(loss, ref_l)
@@ -168,18 +174,30 @@ if given is not None:
             if backend == "triton":
                 continue  # covered on fixed shapes; the interpreter is slow for 30 draws
             got = sk.softmax_divergence(
-                s, t, kind=kind, beta=beta, temperature=temperature, reduction="none", backend=backend
+                s,
+                t,
+                kind=kind,
+                beta=beta,
+                temperature=temperature,
+                reduction="none",
+                backend=backend,
             )
-            torch.testing.assert_close(got.reshape(-1).double(), ref, rtol=2e-5, atol=1e-6 * max(1.0, temperature**2))
+            torch.testing.assert_close(
+                got.reshape(-1).double(), ref, rtol=2e-5, atol=1e-6 * max(1.0, temperature**2)
+            )
 
 
 def test_python_m_ssld_kernels():
-    out = subprocess.run([sys.executable, "-m", "ssld_kernels"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ssld_kernels"], capture_output=True, text=True, check=True
+    )
     assert "torch" in out.stdout and "available" in out.stdout
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "-m", "ssld", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ssld", "--help"], capture_output=True, text=True, check=True
+    )
     assert "ssld" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "ssld", "--bogus"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr

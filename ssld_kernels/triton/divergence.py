@@ -167,7 +167,7 @@ def _row_scale(
 #   pass 1: lse_s = log sum_j exp(x_s_j), lse_t = log sum_j exp(x_t_j)
 #           online over chunks: m' = max(m, max_j x_j), d' = d exp(m - m') + sum_j exp(x_j - m')
 #           (with m' = -inf treated as 0, so fully -inf chunks add 0 instead of NaN)
-#   pass 2: log p = x_s - lse_s, log q = x_t - lse_t,  (ls, lt) as in _log_ratios,
+#   pass 2: log p = (x_s - m_s) - log d_s, log q likewise,  (ls, lt) as in _log_ratios,
 #           A = sum_j [p_j != 0] p_j ls_j,  B = sum_j [q_j != 0] q_j lt_j
 #           row_loss = T^2 (coef_a A + coef_b B) weight[r],  stats[r] = (lse_s, lse_t, A, B)
 #   pass 3 (WRITE_GRAD_S / WRITE_GRAD_T): the gradients of the module docstring with
@@ -228,16 +228,18 @@ def _divergence_fwd_kernel(
         d_t = d_t * tl.exp(m_t - shift_t) + tl.sum(tl.exp(xt - shift_t), axis=0)
         m_s = new_m_s
         m_t = new_m_t
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+    # log p = (x - m) - log d: folding log d into m first (x - lse) would round it to the
+    # ulp of m, which costs relative accuracy on near-one probabilities.
+    log_d_s = tl.log(d_s)
+    log_d_t = tl.log(d_t)
 
     # pass 2: A and B
     acc_a = tl.zeros([BLOCK], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
-        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - lse_s
-        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - lse_t
+        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
+        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
         p = tl.exp(logp)
         q = tl.exp(logq)
         ls, lt = _log_ratios(logp, logq, beta, MODE)
@@ -251,8 +253,8 @@ def _divergence_fwd_kernel(
         loss = loss * tl.load(weight_ptr + row).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
     stats_row = stats_ptr + row * 4
-    tl.store(stats_row + 0, lse_s)
-    tl.store(stats_row + 1, lse_t)
+    tl.store(stats_row + 0, m_s + log_d_s)
+    tl.store(stats_row + 1, m_t + log_d_t)
     tl.store(stats_row + 2, a)
     tl.store(stats_row + 3, b)
 
@@ -264,8 +266,8 @@ def _divergence_fwd_kernel(
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             in_row = cols < n_cols
-            logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - lse_s
-            logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - lse_t
+            logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
+            logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
             p = tl.exp(logp)
             q = tl.exp(logq)
             ls, lt = _log_ratios(logp, logq, beta, MODE)

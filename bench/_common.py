@@ -1,0 +1,101 @@
+"""Shared benchmark plumbing: environment record, timing, JSON output."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except Exception:
+        return os.environ.get("SSLD_GIT_SHA", "unknown")
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "git_sha": git_sha(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["device"] = props.name
+        env["cuda"] = torch.version.cuda
+        env["sm_count"] = props.multi_processor_count
+    else:
+        env["device"] = _cpu_name()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def time_fn(fn, device: torch.device, warmup_ms=50.0, rep_ms=300.0, min_reps=5):
+    """Median / p20 / p80 milliseconds of fn() (CUDA events via do_bench on GPU)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return {"median_ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
+    fn()  # warm-up / compile
+    t0 = time.perf_counter()
+    fn()
+    one = time.perf_counter() - t0
+    reps = max(min_reps, min(200, int(rep_ms / 1e3 / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": times[int(0.2 * (len(times) - 1))],
+        "p80_ms": times[int(0.8 * (len(times) - 1))],
+    }
+
+
+def write_results(name: str, env: dict, rows: list, out: Path | None = None) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dev = env["device"].replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "")
+    path = out or RESULTS / f"{name}-{dev}-{env['git_sha']}.json"
+    path.write_text(json.dumps({"benchmark": name, "env": env, "results": rows}, indent=1))
+    return path
