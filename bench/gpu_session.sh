@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: build with CUDA, run the `cuda` tests, benchmark the loss.
+# Usage (repository root): OUT=/some/dir bash bench/gpu_session.sh [pytest args...]
+# Liger-Kernel wheels, if wanted, go in .whl/ (see bench/README.md).
+set -uo pipefail
+OUT=${OUT:-/tmp/ssld-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+export SSLD_CUDA=1 SSLD_CUDA_ARCHS=${SSLD_CUDA_ARCHS:-90}
+t0=$(date +%s)
+python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+python3 -m ssld_kernels | tee "$OUT/backends.txt"
+python3 -m pytest -q -m cuda tests "$@" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+if [ "${SSLD_SKIP_BENCH:-0}" != "1" ]; then
+  python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot 2>&1 | tee "$OUT/bench.log" | tail -60
+fi
