@@ -13,6 +13,9 @@
 
 namespace ssld {
 
+// Floats saved per row by the forward for the backward (see DivParams::stats).
+constexpr int kStatsWidth = 6;
+
 // dtype codes shared with ssld_kernels/divergence.py (_DTYPE_CODES).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
@@ -31,13 +34,17 @@ inline const char* dtype_name(int d) {
 //        A = KL(P || M) = sum_j p_j (log p_j - log M_j),   B = KL(Q || M)
 //   mode 0 (KL family):            A = KL(P || Q),            B = KL(Q || P)
 //   row loss = loss_scale * (coef_a * A + coef_b * B) * weight[row]   (0 where mask[row] == 0)
+//   (a term whose coefficient is 0 is skipped, so an infinite A or B cannot make it NaN)
 // Gradients (g = grad_scale * grad_rows[row * grad_rows_stride] * weight[row]; 0 where masked):
 //   mode 1: dL/ds_j = g * coef_a * p_j (ls_j - A),  dL/dt_j = g * coef_b * q_j (lt_j - B)
 //           with ls_j = log p_j - log M_j, lt_j = log q_j - log M_j
 //   mode 0: dL/ds_j = g * (coef_a * p_j (ls_j - A) + coef_b * (p_j - q_j)),
 //           dL/dt_j = g * (coef_b * q_j (lt_j - B) + coef_a * (q_j - p_j))
 //           with ls_j = log p_j - log q_j, lt_j = -ls_j
-// Terms with p_j == 0 (resp. q_j == 0) contribute exactly 0 (x log x -> 0), NaN propagates.
+// Terms with p_j == 0 (resp. q_j == 0) contribute exactly 0 (x log x -> 0), NaN propagates;
+// gradient terms whose coefficient is 0 are skipped too.
+// log p = (s_j * inv_temp - max_s) - log_sum_s with log_sum_s = log sum_j exp(s_j*inv_temp - max_s)
+// (max and log-sum kept apart: folding them into one float would round log p to ulp(max)).
 // log M is evaluated stably:  d = log q - log p,  z = log1p(w * expm1(-|d|)),
 //   w = beta if d <= 0 else 1 - beta;  log M - log p = z + max(d, 0);  log M - log q = z - min(d, 0)
 // so identical rows give exactly zero loss and gradient.
@@ -68,8 +75,9 @@ struct DivParams {
 
   // outputs
   std::uintptr_t row_loss = 0;   // forward: [n_rows] acc dtype (required for forward)
-  std::uintptr_t stats = 0;      // forward: nullable out; backward: required in. [n_rows, 4] acc dtype
-                                 //   = (lse_s, lse_t, A, B) with lse of the temperature-scaled logits
+  std::uintptr_t stats = 0;      // forward: nullable out; backward: required in.
+                                 //   [n_rows, kStatsWidth] acc dtype, contiguous, per row
+                                 //   (max_s, log_sum_s, max_t, log_sum_t, A, B); masked rows: zeros
   std::uintptr_t grad_s = 0;     // nullable, dtype s_dtype, row stride grad_s_stride, last-dim stride 1
   std::int64_t grad_s_stride = 0;
   std::uintptr_t grad_t = 0;     // nullable, dtype t_dtype

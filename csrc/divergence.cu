@@ -3,8 +3,8 @@
 // ssld_kernels/reference.py; the parameter block and the checks are in common.h.
 //
 // Math (per row r, x = s * inv_temp, y = t * inv_temp, fp32 accumulation):
-//   lse_s = logsumexp(x), lse_t = logsumexp(y)
-//   log p = x - lse_s,  log q = y - lse_t,  p = exp(log p),  q = exp(log q)
+//   m_s = max(x), l_s = log sum exp(x - m_s) (likewise m_t, l_t for y)
+//   log p = (x - m_s) - l_s,  log q = (y - m_t) - l_t,  p = exp(log p),  q = exp(log q)
 //   mode 0 (KL family):  ls = log p - log q,  lt = -ls
 //   mode 1 (JSD):        d = log q - log p,  w = (d <= 0) ? beta : 1 - beta,
 //                        z = log1p(w * expm1(-|d|))          (= log M - log p - max(d, 0))
@@ -18,14 +18,15 @@
 // elem_grad_s / elem_grad_t below; every kernel goes through them.
 //
 // Launch strategy:
-//   * n_cols <= kWarpMaxCols (2048): warp-per-row kernels, kWarpRows (8) rows per 256-thread
-//     block. The forward keeps the whole row in registers (NV = 1, 2, 4, 8 steps of 8 values
+//   * n_cols <= kWarpMaxCols (1024): warp-per-row kernels, kWarpRows (8) rows per 256-thread
+//     block. The forward keeps the whole row in registers (NV = 1, 2, 4 steps of 8 values
 //     per lane, chosen by n_cols): logits are read once, max / sum-exp / A / B are reduced
 //     with warp shuffles, and the gradient (fused path) is written from the registers.
-//   * larger rows: block-per-row kernels (256 / 512 / 1024 threads by n_cols), chunked:
+//   * larger rows: block-per-row kernels (256 / 512 / 1024 threads for n_cols <= 8192 /
+//     <= 32768 / larger), chunked:
 //     pass 1 online (max, sum-exp) per thread + block reduction of the pairs, pass 2 A and B,
 //     pass 3 (only when writing gradients) the gradient. No limit on n_cols.
-//   * backward: one pass over the row using the saved (lse_s, lse_t, A, B), warp-per-row or
+//   * backward: one pass over the row using the saved (m_s, l_s, m_t, l_t, A, B), warp-per-row or
 //     block-per-row with the same threshold.
 //   * A "step" is 8 consecutive values per thread. Vectorized variant (all row pointers and
 //     row strides 16-byte aligned, checked on the host): one 16-byte access for 8 halves /
@@ -53,8 +54,15 @@ namespace {
 
 constexpr int kStep = 8;             // values per thread per step
 constexpr int kWarpRows = 8;         // rows (warps) per block in the warp-per-row kernels
-constexpr int kWarpMaxCols = 2048;   // largest row handled by a warp
+constexpr int kWarpMaxCols = 1024;   // largest row handled by a warp (8 values x 4 steps x 32)
 constexpr float kNegInf = -__builtin_huge_valf();
+static_assert(kWarpMaxCols == 32 * kStep * 4, "the largest warp kernel (NV = 4) holds the row");
+
+// Register budget of the register-cached forward kernel: resident 256-thread blocks per SM
+// asked of ptxas (caps of 64, 85 and 128 registers for NV = 1, 2, 4; no spills). Measured on
+// an H100: letting ptxas use ~200 registers for NV = 4 was 1.5-2x slower, and an NV = 8
+// variant for 1024 < C <= 2048 (~245 registers) was 2x slower than the block kernel.
+constexpr int warp_min_blocks(int nv) { return nv <= 1 ? 4 : nv <= 2 ? 3 : 2; }
 
 // Kernel-side copy of DivParams: device pointers and fp32 coefficients.
 struct KParams {
@@ -222,11 +230,18 @@ struct Terms {
   float ls, lt;  // log p - log X, log q - log Y
 };
 
-// x, y: temperature-scaled logits; lse_*: their row logsumexp.
-__device__ __forceinline__ Terms elem_terms(const KParams& k, float x, float y, float lse_s,
-                                            float lse_t) {
-  const float logp = x - lse_s;
-  const float logq = y - lse_t;
+// Row log-sum-exp kept as (max, log of the shifted sum) for student and teacher: log p is
+// (x - max) - log_sum exactly as in the forward, without rounding max + log_sum to one float
+// (which would cost ulp(max) of accuracy in every log p of the backward).
+struct RowStats {
+  float ms, ls, mt, lt;
+};
+
+// x, y: temperature-scaled logits.
+__device__ __forceinline__ Terms elem_terms(const KParams& k, float x, float y,
+                                            const RowStats& rs) {
+  const float logp = (x - rs.ms) - rs.ls;
+  const float logq = (y - rs.mt) - rs.lt;
   Terms r;
   r.p = expf(logp);
   r.q = expf(logq);
@@ -253,13 +268,15 @@ __device__ __forceinline__ float contrib_a(const Terms& e) { return masked_prod(
 __device__ __forceinline__ float contrib_b(const Terms& e) { return masked_prod(e.q, e.lt); }
 
 __device__ __forceinline__ float elem_grad_s(const KParams& k, const Terms& e, float A, float g) {
-  float r = k.coef_a * masked_prod(e.p, e.ls - A);
+  // A term skipped when its coefficient is 0, so an infinite A (KL with disjoint support)
+  // does not turn into 0 * inf = NaN.
+  float r = k.coef_a == 0.f ? 0.f : k.coef_a * masked_prod(e.p, e.ls - A);
   if (k.mode == 0) r = r + k.coef_b * (e.p - e.q);
   return g * r;
 }
 
 __device__ __forceinline__ float elem_grad_t(const KParams& k, const Terms& e, float B, float g) {
-  float r = k.coef_b * masked_prod(e.q, e.lt - B);
+  float r = k.coef_b == 0.f ? 0.f : k.coef_b * masked_prod(e.q, e.lt - B);
   if (k.mode == 0) r = r + k.coef_a * (e.q - e.p);
   return g * r;
 }
@@ -278,19 +295,21 @@ __device__ __forceinline__ float row_grad_factor(const KParams& k, std::int64_t 
 
 // Writes row_loss (and stats) of one row; called by a single thread.
 __device__ __forceinline__ void write_row_outputs(const KParams& k, std::int64_t row, bool kept,
-                                                  float lse_s, float lse_t, float A, float B) {
+                                                  const RowStats& rs, float A, float B) {
   if (!kept) {
     k.row_loss[row] = 0.f;
     if (k.stats != nullptr) {
-      float* st = k.stats + 4 * row;
-      st[0] = 0.f; st[1] = 0.f; st[2] = 0.f; st[3] = 0.f;
+      float* st = k.stats + kStatsWidth * row;
+      for (int i = 0; i < kStatsWidth; ++i) st[i] = 0.f;
     }
     return;
   }
-  k.row_loss[row] = (k.coef_a * A + k.coef_b * B) * k.loss_scale * row_weight(k, row);
+  const float la = k.coef_a == 0.f ? 0.f : k.coef_a * A;  // 0 * inf stays 0
+  const float lb = k.coef_b == 0.f ? 0.f : k.coef_b * B;
+  k.row_loss[row] = (la + lb) * k.loss_scale * row_weight(k, row);
   if (k.stats != nullptr) {
-    float* st = k.stats + 4 * row;
-    st[0] = lse_s; st[1] = lse_t; st[2] = A; st[3] = B;
+    float* st = k.stats + kStatsWidth * row;
+    st[0] = rs.ms; st[1] = rs.ls; st[2] = rs.mt; st[3] = rs.lt; st[4] = A; st[5] = B;
   }
 }
 
@@ -324,7 +343,6 @@ __device__ __forceinline__ void ms_add_step(MaxSum& acc, const float (&x)[kStep]
   acc = {m, s};
 }
 
-__device__ __forceinline__ float ms_lse(MaxSum a) { return ms_ref(a.m) + logf(a.s); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -422,7 +440,7 @@ __device__ void zero_grad_row(const KParams& k, const RowPtrs<TS, TT>& rp, int l
 // One pass over a row given its statistics: writes grad_s / grad_t.
 template <typename TS, typename TT, bool VEC>
 __device__ void grad_row_pass(const KParams& k, const RowPtrs<TS, TT>& rp, int lane, int G,
-                              float lse_s, float lse_t, float A, float B, float g) {
+                              const RowStats& rs, float A, float B, float g) {
   const std::int64_t C = k.n_cols;
   const std::int64_t K = num_steps(C, G);
   for (std::int64_t st = 0; st < K; ++st) {
@@ -434,7 +452,7 @@ __device__ void grad_row_pass(const KParams& k, const RowPtrs<TS, TT>& rp, int l
     float gs[kStep], gt[kStep];
 #pragma unroll
     for (int e = 0; e < kStep; ++e) {
-      const Terms te = elem_terms(k, xs[e], xt[e], lse_s, lse_t);
+      const Terms te = elem_terms(k, xs[e], xt[e], rs);
       gs[e] = elem_grad_s(k, te, A, g);
       gt[e] = elem_grad_t(k, te, B, g);
     }
@@ -447,7 +465,7 @@ __device__ void grad_row_pass(const KParams& k, const RowPtrs<TS, TT>& rp, int l
 // Forward, warp per row, row in registers (n_cols <= 32 * 8 * NV).
 // ---------------------------------------------------------------------------------------
 template <typename TS, typename TT, int NV, bool VEC>
-__global__ void __launch_bounds__(kWarpRows * 32)
+__global__ void __launch_bounds__(kWarpRows * 32, warp_min_blocks(NV))
     div_fwd_warp_kernel(const KParams k) {
   const int lane = threadIdx.x & 31;
   const std::int64_t C = k.n_cols;
@@ -456,7 +474,7 @@ __global__ void __launch_bounds__(kWarpRows * 32)
        row < k.n_rows; row += static_cast<std::int64_t>(gridDim.x) * kWarpRows) {
     const RowPtrs<TS, TT> rp(k, row);
     if (!row_kept(k, row)) {
-      if (lane == 0) write_row_outputs(k, row, false, 0.f, 0.f, 0.f, 0.f);
+      if (lane == 0) write_row_outputs(k, row, false, RowStats{0.f, 0.f, 0.f, 0.f}, 0.f, 0.f);
       if (want_grad) zero_grad_row<TS, TT, VEC>(k, rp, lane, 32);
       continue;
     }
@@ -484,8 +502,7 @@ __global__ void __launch_bounds__(kWarpRows * 32)
         ss += expf(xs[i][e] - ms);
         stt += expf(xt[i][e] - mt);
       }
-    const float lse_s = ms + logf(warp_sum(ss));
-    const float lse_t = mt + logf(warp_sum(stt));
+    const RowStats rs{ms, logf(warp_sum(ss)), mt, logf(warp_sum(stt))};
 
     float A = 0.f, B = 0.f;
 #pragma unroll
@@ -494,7 +511,7 @@ __global__ void __launch_bounds__(kWarpRows * 32)
 #pragma unroll
       for (int e = 0; e < kStep; ++e) {
         if (pos.valid(e, C)) {
-          const Terms te = elem_terms(k, xs[i][e], xt[i][e], lse_s, lse_t);
+          const Terms te = elem_terms(k, xs[i][e], xt[i][e], rs);
           A += contrib_a(te);
           B += contrib_b(te);
         }
@@ -502,7 +519,7 @@ __global__ void __launch_bounds__(kWarpRows * 32)
     }
     A = warp_sum(A);
     B = warp_sum(B);
-    if (lane == 0) write_row_outputs(k, row, true, lse_s, lse_t, A, B);
+    if (lane == 0) write_row_outputs(k, row, true, rs, A, B);
 
     if (want_grad) {
       const float g = row_grad_factor(k, row);
@@ -513,7 +530,7 @@ __global__ void __launch_bounds__(kWarpRows * 32)
         float gs[kStep], gt[kStep];
 #pragma unroll
         for (int e = 0; e < kStep; ++e) {
-          const Terms te = elem_terms(k, xs[i][e], xt[i][e], lse_s, lse_t);
+          const Terms te = elem_terms(k, xs[i][e], xt[i][e], rs);
           gs[e] = elem_grad_s(k, te, A, g);
           gt[e] = elem_grad_t(k, te, B, g);
         }
@@ -537,7 +554,7 @@ __global__ void __launch_bounds__(1024) div_fwd_block_kernel(const KParams k) {
   for (std::int64_t row = blockIdx.x; row < k.n_rows; row += gridDim.x) {
     const RowPtrs<TS, TT> rp(k, row);
     if (!row_kept(k, row)) {  // block-uniform
-      if (tid == 0) write_row_outputs(k, row, false, 0.f, 0.f, 0.f, 0.f);
+      if (tid == 0) write_row_outputs(k, row, false, RowStats{0.f, 0.f, 0.f, 0.f}, 0.f, 0.f);
       if (want_grad) zero_grad_row<TS, TT, VEC>(k, rp, tid, G);
       continue;
     }
@@ -553,7 +570,7 @@ __global__ void __launch_bounds__(1024) div_fwd_block_kernel(const KParams k) {
       ms_add_step(at, xt);
     }
     block_merge2(as, at, sh);
-    const float lse_s = ms_lse(as), lse_t = ms_lse(at);
+    const RowStats rs{ms_ref(as.m), logf(as.s), ms_ref(at.m), logf(at.s)};
 
     // Pass 2: A and B.
     float A = 0.f, B = 0.f;
@@ -566,23 +583,23 @@ __global__ void __launch_bounds__(1024) div_fwd_block_kernel(const KParams k) {
 #pragma unroll
       for (int e = 0; e < kStep; ++e) {
         if (pos.valid(e, C)) {
-          const Terms te = elem_terms(k, xs[e], xt[e], lse_s, lse_t);
+          const Terms te = elem_terms(k, xs[e], xt[e], rs);
           A += contrib_a(te);
           B += contrib_b(te);
         }
       }
     }
     block_sum2(A, B, sh);
-    if (tid == 0) write_row_outputs(k, row, true, lse_s, lse_t, A, B);
+    if (tid == 0) write_row_outputs(k, row, true, rs, A, B);
 
     // Pass 3: gradients (fused path).
     if (want_grad)
-      grad_row_pass<TS, TT, VEC>(k, rp, tid, G, lse_s, lse_t, A, B, row_grad_factor(k, row));
+      grad_row_pass<TS, TT, VEC>(k, rp, tid, G, rs, A, B, row_grad_factor(k, row));
   }
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward: one pass per row from the saved stats (lse_s, lse_t, A, B).
+// Backward: one pass per row from the saved stats (m_s, l_s, m_t, l_t, A, B).
 // ---------------------------------------------------------------------------------------
 template <typename TS, typename TT, bool VEC>
 __device__ __forceinline__ void backward_row(const KParams& k, std::int64_t row, int lane, int G) {
@@ -591,8 +608,9 @@ __device__ __forceinline__ void backward_row(const KParams& k, std::int64_t row,
     zero_grad_row<TS, TT, VEC>(k, rp, lane, G);
     return;
   }
-  const float* st = k.stats + 4 * row;
-  grad_row_pass<TS, TT, VEC>(k, rp, lane, G, st[0], st[1], st[2], st[3], row_grad_factor(k, row));
+  const float* st = k.stats + kStatsWidth * row;
+  const RowStats rs{st[0], st[1], st[2], st[3]};
+  grad_row_pass<TS, TT, VEC>(k, rp, lane, G, rs, st[4], st[5], row_grad_factor(k, row));
 }
 
 template <typename TS, typename TT, bool VEC>
@@ -708,10 +726,8 @@ void launch_forward(const KParams& k, cudaStream_t stream) {
       div_fwd_warp_kernel<TS, TT, 1, VEC><<<grid, block, 0, stream>>>(k);
     else if (C <= 32 * kStep * 2)
       div_fwd_warp_kernel<TS, TT, 2, VEC><<<grid, block, 0, stream>>>(k);
-    else if (C <= 32 * kStep * 4)
-      div_fwd_warp_kernel<TS, TT, 4, VEC><<<grid, block, 0, stream>>>(k);
     else
-      div_fwd_warp_kernel<TS, TT, 8, VEC><<<grid, block, 0, stream>>>(k);
+      div_fwd_warp_kernel<TS, TT, 4, VEC><<<grid, block, 0, stream>>>(k);
   } else {
     div_fwd_block_kernel<TS, TT, VEC>
         <<<grid_for(k.n_rows), block_threads_for(C), 0, stream>>>(k);

@@ -6,7 +6,7 @@ private ``torch.library.custom_op`` with ``register_fake`` -> autograd -> public
 
 Kernel contract shared by every backend (``_launch_forward`` / ``_launch_backward``):
 2-D logits (n, C) with last-dim stride 1 and any row stride; per-row float32 (float64 for
-float64 inputs) ``row_loss`` and ``stats = (lse_s, lse_t, A, B)``; gradients in the logits'
+float64 inputs) ``row_loss`` and ``stats = (max_s, log_sum_s, max_t, log_sum_t, A, B)``; gradients in the logits'
 dtypes. The backward reuses ``stats``, so it is one pass over the logits.
 """
 
@@ -29,6 +29,8 @@ __all__ = [
     "KLDivLoss",
 ]
 
+# Floats saved per row by the forward: (max_s, log_sum_s, max_t, log_sum_t, A, B)
+STATS_WIDTH = 6
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
@@ -67,7 +69,7 @@ def _ext_forward(s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t):
     n, c = s.shape
     acc = _acc(s.dtype)
     row_loss = s.new_empty(n, dtype=acc)
-    stats = s.new_empty((n, 4), dtype=acc)
+    stats = s.new_empty((n, STATS_WIDTH), dtype=acc)
     grad_s = torch.empty((n, c), dtype=s.dtype, device=s.device) if need_grad_s else None
     grad_t = torch.empty((n, c), dtype=t.dtype, device=t.device) if need_grad_t else None
     p = _ext_params(s, t, weight, mask, spec, grad_rows)
@@ -128,7 +130,7 @@ def _divergence_fwd(
     inv_temp: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss (n,) and saved statistics (n, 4) of 2-D logits."""
+    """Per-row loss (n,) and saved statistics (n, 6) of 2-D logits."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
     row_loss, stats, _, _ = _launchers(backend)[0](
         s, t, weight, _mask_u8(mask), spec, None, False, False
@@ -140,7 +142,7 @@ def _divergence_fwd(
 def _(s, t, weight, mask, mode, beta, coef_a, coef_b, inv_temp, backend):
     acc = _acc(s.dtype)
     n = s.shape[0]
-    return s.new_empty((n,), dtype=acc), s.new_empty((n, 4), dtype=acc)
+    return s.new_empty((n,), dtype=acc), s.new_empty((n, STATS_WIDTH), dtype=acc)
 
 
 @torch.library.custom_op("ssld_kernels::divergence_bwd", mutates_args=())

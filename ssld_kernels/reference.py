@@ -25,8 +25,9 @@ lt = log q - log Y) are
     mode 1: dL/ds = T * coef_a * p * (ls - A)              dL/dt = T * coef_b * q * (lt - B)
     mode 0: dL/ds = T * (coef_a*p*(ls - A) + coef_b*(p-q)) dL/dt = T * (coef_b*q*(lt - B) + coef_a*(q-p))
 
-Terms with p == 0 (or q == 0) are exactly 0 (x log x -> 0, which makes -inf logits work);
-NaN propagates. log M is evaluated as
+Terms with p == 0 (or q == 0) are exactly 0 (x log x -> 0, which makes -inf logits work),
+and so are terms whose coefficient is 0 (KL(Q||P) stays finite when P has mass where Q has
+none, although KL(P||Q) is then infinite); NaN propagates. log M is evaluated as
 
     d = log q - log p,  z = log1p(w * expm1(-|d|)),  w = beta if d <= 0 else 1 - beta
     log M - log p = z + max(d, 0),   log M - log q = z - min(d, 0)
@@ -93,7 +94,9 @@ def _xlogy_terms(spec: DivSpec, logp: Tensor, logq: Tensor) -> tuple[Tensor, Ten
     if spec.mode == 0:
         ls = logp - logq
         return ls, -ls
-    d = logq - logp
+    # nan_to_num: where both probabilities are 0 (d = -inf - -inf) or one is (d = +-inf) the
+    # terms are masked out later; finite d keeps autograd's local derivatives finite there.
+    d = torch.nan_to_num(logq - logp, nan=0.0)
     w = torch.where(d <= 0, spec.beta, 1.0 - spec.beta)
     z = torch.log1p(w * torch.expm1(-d.abs()))
     log_m_minus_logp = z + d.clamp(min=0)
@@ -101,9 +104,18 @@ def _xlogy_terms(spec: DivSpec, logp: Tensor, logq: Tensor) -> tuple[Tensor, Ten
     return -log_m_minus_logp, -log_m_minus_logq
 
 
+def _weighted(coef: float, value: Tensor) -> Tensor:
+    """coef * value, skipped when coef == 0 (so an infinite KL with weight 0 is 0, not NaN)."""
+    return coef * value if coef != 0 else torch.zeros_like(value)
+
+
 def _masked_product(prob: Tensor, value: Tensor) -> Tensor:
-    """prob * value with 0 where prob == 0 (so 0 * inf = 0), NaN kept."""
-    return torch.where(prob == 0, torch.zeros_like(value), prob * value)
+    """prob * value with 0 where prob == 0 (so 0 * inf = 0), NaN kept.
+
+    ``value`` is cleaned before the product (not after), so autograd never multiplies a zero
+    gradient by an infinite local derivative either."""
+    safe = torch.where(prob == 0, torch.zeros_like(value), value)
+    return prob * safe
 
 
 def _row_stats(spec: DivSpec, s: Tensor, t: Tensor):
@@ -126,7 +138,7 @@ def divergence_rows(
         s = torch.where(keep, s, torch.zeros_like(s))
         t = torch.where(keep, t, torch.zeros_like(t))
     _, _, _, _, a, b = _row_stats(spec, s, t)
-    loss = (spec.coef_a * a + spec.coef_b * b) * spec.temperature**2
+    loss = (_weighted(spec.coef_a, a) + _weighted(spec.coef_b, b)) * spec.temperature**2
     if weight is not None:
         loss = loss * weight.to(loss.dtype)
     if mask is not None:
@@ -145,7 +157,7 @@ def divergence_rows_and_grad(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss and the closed-form gradients of sum_r grad_rows[r] * loss[r]."""
     p, q, ls, lt, a, b = _row_stats(spec, s, t)
-    loss = (spec.coef_a * a + spec.coef_b * b) * spec.temperature**2
+    loss = (_weighted(spec.coef_a, a) + _weighted(spec.coef_b, b)) * spec.temperature**2
     g = grad_rows.to(loss.dtype).expand(loss.shape[0]) * spec.temperature
     if weight is not None:
         loss = loss * weight.to(loss.dtype)
@@ -155,7 +167,7 @@ def divergence_rows_and_grad(
         loss = torch.where(keep, loss, torch.zeros_like(loss))
         g = torch.where(keep, g, torch.zeros_like(g))
     g = g[:, None]
-    grad_s = spec.coef_a * _masked_product(p, ls - a[:, None])
+    grad_s = _weighted(spec.coef_a, _masked_product(p, ls - a[:, None]))
     if spec.mode == 0:
         grad_s = grad_s + spec.coef_b * (p - q)
     grad_s = g * grad_s
@@ -163,7 +175,7 @@ def divergence_rows_and_grad(
         grad_s = torch.where(mask.bool()[:, None], grad_s, torch.zeros_like(grad_s))
     grad_t = None
     if need_grad_t:
-        grad_t = spec.coef_b * _masked_product(q, lt - b[:, None])
+        grad_t = _weighted(spec.coef_b, _masked_product(q, lt - b[:, None]))
         if spec.mode == 0:
             grad_t = grad_t + spec.coef_a * (q - p)
         grad_t = g * grad_t

@@ -24,7 +24,7 @@ Kernels: one program per row, looping over the classes in chunks of ``BLOCK``:
 
 * ``_divergence_fwd_kernel``: pass 1 online max / sum-exp of s and t (log-sum-exp),
   pass 2 the sums A and B, and, when gradients are requested (the fused path), pass 3
-  writes dL/ds and/or dL/dt. Saves ``stats[r] = (lse_s, lse_t, A, B)``.
+  writes dL/ds and/or dL/dt. Saves ``stats[r] = (max_s, log_sum_s, max_t, log_sum_t, A, B)``.
 * ``_divergence_bwd_kernel``: one pass that rebuilds p and q from the saved stats.
 
 All accumulation is float32; the logits may be float32 / float16 / bfloat16 independently,
@@ -41,9 +41,11 @@ import triton.language as tl
 
 __all__ = ["divergence_forward", "divergence_backward"]
 
-# Largest chunk of classes a program holds at once. 4096 fp32 lanes over 16 warps is
-# 8 elements per thread per live vector, which keeps the JSD pass well inside the registers.
+# Largest chunk of classes a program holds at once (4096 lanes over 8 warps: 16 elements
+# per thread per live vector). Longer rows loop over chunks.
 MAX_BLOCK = 4096
+# Floats saved per row for the backward: (max_s, log_sum_s, max_t, log_sum_t, A, B).
+STATS_WIDTH = 6
 
 
 # ----------------------------------------------------------------------------------------
@@ -55,59 +57,39 @@ MAX_BLOCK = 4096
 #             exp(x) - 1 otherwise (no cancellation there: |expm1(x)| >= 0.39).
 #   log1p(y): for -0.5 < y < 1, log1p(y) = 2 atanh(r) with r = y / (2 + y), |r| < 1/3,
 #             as an odd series through r^15 (truncation < 4e-9 relative);
-#             otherwise log(u) - ((u - 1) - y) / u with u = 1 + y (the correction is the
-#             rounding error of u; it is exactly 0 for y <= -0.5, where u is exact).
+#             otherwise log(1 + y), where 1 + y is exact (y <= -0.5) or |log| >= log 2.
+# Both select with tl.where, so every input takes the same instructions (no divergence).
 @triton.jit
 def _expm1(x):
-    small = x * (
-        1.0
-        + x
-        * (
-            1.0 / 2.0
-            + x
-            * (
-                1.0 / 6.0
-                + x
-                * (
-                    1.0 / 24.0
-                    + x
-                    * (
-                        1.0 / 120.0
-                        + x * (1.0 / 720.0 + x * (1.0 / 5040.0 + x * (1.0 / 40320.0)))
-                    )
-                )
-            )
-        )
-    )
-    return tl.where(tl.abs(x) < 0.5, small, tl.exp(x) - 1.0)
+    # Horner form of x + x^2/2! + ... + x^8/8!
+    poly = 1.0 / 40320.0
+    poly = poly * x + 1.0 / 5040.0
+    poly = poly * x + 1.0 / 720.0
+    poly = poly * x + 1.0 / 120.0
+    poly = poly * x + 1.0 / 24.0
+    poly = poly * x + 1.0 / 6.0
+    poly = poly * x + 1.0 / 2.0
+    poly = poly * x + 1.0
+    return tl.where(tl.abs(x) < 0.5, x * poly, tl.exp(x) - 1.0)
 
 
 @triton.jit
 def _log1p(y):
+    # 2 atanh(r) = 2 (r + r^3/3 + ... + r^15/15), r = y / (2 + y)
     r = y / (2.0 + y)
     r2 = r * r
-    series = (2.0 * r) * (
-        1.0
-        + r2
-        * (
-            1.0 / 3.0
-            + r2
-            * (
-                1.0 / 5.0
-                + r2
-                * (
-                    1.0 / 7.0
-                    + r2
-                    * (
-                        1.0 / 9.0
-                        + r2 * (1.0 / 11.0 + r2 * (1.0 / 13.0 + r2 * (1.0 / 15.0)))
-                    )
-                )
-            )
-        )
-    )
-    u = 1.0 + y
-    large = tl.log(u) - tl.where(y > 0.0, ((u - 1.0) - y) / u, 0.0)
+    poly = 1.0 / 15.0
+    poly = poly * r2 + 1.0 / 13.0
+    poly = poly * r2 + 1.0 / 11.0
+    poly = poly * r2 + 1.0 / 9.0
+    poly = poly * r2 + 1.0 / 7.0
+    poly = poly * r2 + 1.0 / 5.0
+    poly = poly * r2 + 1.0 / 3.0
+    poly = poly * r2 + 1.0
+    series = (2.0 * r) * poly
+    # Outside the series range u = 1 + y is exact (y <= -0.5) or its rounding moves
+    # log(u) >= log 2 by at most 2^-24 relative, so no rounding correction is needed.
+    large = tl.log(1.0 + y)
     return tl.where((y > -0.5) & (y < 1.0), series, large)
 
 
@@ -141,8 +123,9 @@ def _load_logits(row_ptr, cols, n_cols, n_load, inv_temp):
 @triton.jit
 def _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE: tl.constexpr):
     """(dL/ds, dL/dt) of one chunk; the p == 0 (q == 0) terms are exactly 0."""
-    gs = coef_a * tl.where(p == 0.0, 0.0, p * (ls - a))
-    gt = coef_b * tl.where(q == 0.0, 0.0, q * (lt - b))
+    # a term with a zero coefficient is skipped: an infinite A or B must not give 0 * inf
+    gs = tl.where(coef_a == 0.0, 0.0, coef_a * tl.where(p == 0.0, 0.0, p * (ls - a)))
+    gt = tl.where(coef_b == 0.0, 0.0, coef_b * tl.where(q == 0.0, 0.0, q * (lt - b)))
     if MODE == 0:
         gs = gs + coef_b * (p - q)
         gt = gt + coef_a * (q - p)
@@ -169,7 +152,7 @@ def _row_scale(
 #           (with m' = -inf treated as 0, so fully -inf chunks add 0 instead of NaN)
 #   pass 2: log p = (x_s - m_s) - log d_s, log q likewise,  (ls, lt) as in _log_ratios,
 #           A = sum_j [p_j != 0] p_j ls_j,  B = sum_j [q_j != 0] q_j lt_j
-#           row_loss = T^2 (coef_a A + coef_b B) weight[r],  stats[r] = (lse_s, lse_t, A, B)
+#           row_loss = T^2 (coef_a A + coef_b B) weight[r],  stats[r] = (max_s, log_sum_s, max_t, log_sum_t, A, B)
 #   pass 3 (WRITE_GRAD_S / WRITE_GRAD_T): the gradients of the module docstring with
 #           g = T grad_rows[r] weight[r]; masked rows write exact zeros.
 @triton.jit
@@ -199,6 +182,7 @@ def _divergence_fwd_kernel(
     WRITE_GRAD_S: tl.constexpr,
     WRITE_GRAD_T: tl.constexpr,
     BLOCK: tl.constexpr,
+    STATS_WIDTH: tl.constexpr = 6,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -248,15 +232,19 @@ def _divergence_fwd_kernel(
     a = tl.sum(acc_a, axis=0)
     b = tl.sum(acc_b, axis=0)
 
-    loss = loss_scale * (coef_a * a + coef_b * b)
+    loss_a = tl.where(coef_a == 0.0, 0.0, coef_a * a)  # 0 * inf stays 0
+    loss_b = tl.where(coef_b == 0.0, 0.0, coef_b * b)
+    loss = loss_scale * (loss_a + loss_b)
     if HAS_WEIGHT:
         loss = loss * tl.load(weight_ptr + row).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
-    stats_row = stats_ptr + row * 4
-    tl.store(stats_row + 0, m_s + log_d_s)
-    tl.store(stats_row + 1, m_t + log_d_t)
-    tl.store(stats_row + 2, a)
-    tl.store(stats_row + 3, b)
+    stats_row = stats_ptr + row * STATS_WIDTH
+    tl.store(stats_row + 0, m_s)
+    tl.store(stats_row + 1, log_d_s)
+    tl.store(stats_row + 2, m_t)
+    tl.store(stats_row + 3, log_d_t)
+    tl.store(stats_row + 4, a)
+    tl.store(stats_row + 5, b)
 
     # pass 3 (fused path): gradients
     if WRITE_GRAD_S or WRITE_GRAD_T:
@@ -285,8 +273,8 @@ def _divergence_fwd_kernel(
 # ----------------------------------------------------------------------------------------
 # Backward
 # ----------------------------------------------------------------------------------------
-# One pass per row from the saved stats (lse_s, lse_t, A, B):
-#   log p = s / T - lse_s,  log q = t / T - lse_t,  (ls, lt) as in _log_ratios,
+# One pass per row from the saved stats (max_s, log_sum_s, max_t, log_sum_t, A, B):
+#   log p = (s / T - max_s) - log_sum_s,  log q likewise,  (ls, lt) as in _log_ratios,
 #   dL/ds, dL/dt as in the module docstring with g = T grad_rows[r] weight[r]
 #   (grad_rows read on the device, any stride including 0); masked rows write exact zeros
 #   and read no logits.
@@ -315,6 +303,7 @@ def _divergence_bwd_kernel(
     WRITE_GRAD_S: tl.constexpr,
     WRITE_GRAD_T: tl.constexpr,
     BLOCK: tl.constexpr,
+    STATS_WIDTH: tl.constexpr = 6,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -327,18 +316,20 @@ def _divergence_bwd_kernel(
         keep = True
         n_load = n_cols
 
-    stats_row = stats_ptr + row * 4
-    lse_s = tl.load(stats_row + 0).to(tl.float32)
-    lse_t = tl.load(stats_row + 1).to(tl.float32)
-    a = tl.load(stats_row + 2).to(tl.float32)
-    b = tl.load(stats_row + 3).to(tl.float32)
+    stats_row = stats_ptr + row * STATS_WIDTH
+    m_s = tl.load(stats_row + 0)
+    log_d_s = tl.load(stats_row + 1)
+    m_t = tl.load(stats_row + 2)
+    log_d_t = tl.load(stats_row + 3)
+    a = tl.load(stats_row + 4)
+    b = tl.load(stats_row + 5)
     g = _row_scale(row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT)
 
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         in_row = cols < n_cols
-        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - lse_s
-        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - lse_t
+        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
+        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
         p = tl.exp(logp)
         q = tl.exp(logq)
         ls, lt = _log_ratios(logp, logq, beta, MODE)
@@ -358,13 +349,13 @@ def _divergence_bwd_kernel(
 # ----------------------------------------------------------------------------------------
 def _block_config(n_cols: int, block: int | None = None) -> tuple[int, int]:
     """(BLOCK, num_warps): the whole row in one chunk up to MAX_BLOCK classes, and about
-    eight fp32 elements per thread (1 warp up to 256 classes, 16 warps at 4096)."""
+    eight fp32 elements per thread (1 warp up to 256 classes, 8 warps from 2048)."""
     if block is None:
         block = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK)
     block = max(int(block), 16)
     if block & (block - 1):
         raise ValueError(f"BLOCK must be a power of two, got {block}")
-    num_warps = max(1, min(16, block // 256))
+    num_warps = max(1, min(8, block // 256))
     return block, num_warps
 
 
@@ -376,7 +367,9 @@ def _device_guard(x: torch.Tensor):
 
 def _check_logits(s: torch.Tensor, t: torch.Tensor) -> None:
     if s.dim() != 2 or t.dim() != 2:
-        raise ValueError(f"logits must be 2-D (rows, classes), got {tuple(s.shape)} and {tuple(t.shape)}")
+        raise ValueError(
+            f"logits must be 2-D (rows, classes), got {tuple(s.shape)} and {tuple(t.shape)}"
+        )
     if s.shape != t.shape:
         raise ValueError(f"student and teacher shapes differ: {tuple(s.shape)} vs {tuple(t.shape)}")
     if s.shape[1] > 1 and (s.stride(1) != 1 or t.stride(1) != 1):
@@ -399,7 +392,7 @@ def _divergence_forward(
     if (need_grad_s or need_grad_t) and grad_rows is None:
         raise ValueError("gradients need grad_rows")
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    stats = torch.empty((n, 4), dtype=torch.float32, device=s.device)
+    stats = torch.empty((n, STATS_WIDTH), dtype=torch.float32, device=s.device)
     grad_s = torch.empty((n, n_cols), dtype=s.dtype, device=s.device) if need_grad_s else None
     grad_t = torch.empty((n, n_cols), dtype=t.dtype, device=t.device) if need_grad_t else None
     if n == 0:
@@ -452,8 +445,10 @@ def _divergence_backward(
         return grad_s, grad_t
     if grad_rows is None or stats is None:
         raise ValueError("backward needs stats and grad_rows")
-    if stats.shape != (n, 4) or not stats.is_contiguous():
-        raise ValueError(f"stats must be a contiguous ({n}, 4) tensor, got {tuple(stats.shape)}")
+    if stats.shape != (n, STATS_WIDTH) or not stats.is_contiguous():
+        raise ValueError(
+            f"stats must be a contiguous ({n}, {STATS_WIDTH}) tensor, got {tuple(stats.shape)}"
+        )
     weight, mask, grad_rows, grad_rows_stride = _row_args(weight, mask, grad_rows)
     block, num_warps = _block_config(n_cols, block)
     temperature = 1.0 / float(spec.inv_temp)
@@ -490,8 +485,10 @@ def _divergence_backward(
 # ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
-def divergence_forward(s, t, weight, mask, spec, grad_rows=None, need_grad_s=False, need_grad_t=False):
-    """-> (row_loss[n] float32, stats[n,4] float32 = (lse_s, lse_t, A, B), grad_s or None, grad_t or None)
+def divergence_forward(
+    s, t, weight, mask, spec, grad_rows=None, need_grad_s=False, need_grad_t=False
+):
+    """-> (row_loss[n] float32, stats[n,6] float32 = (max_s, log_sum_s, max_t, log_sum_t, A, B), grad_s or None, grad_t or None)
 
     ``s``, ``t``: (n, C) logits (float32 / float16 / bfloat16, unit class stride, any row
     stride). ``weight``: None or float32 (n,). ``mask``: None or bool / uint8 (n,).
@@ -501,10 +498,14 @@ def divergence_forward(s, t, weight, mask, spec, grad_rows=None, need_grad_s=Fal
     return _divergence_forward(s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t)
 
 
-def divergence_backward(s, t, weight, mask, stats, grad_rows, spec, need_grad_s=True, need_grad_t=False):
+def divergence_backward(
+    s, t, weight, mask, stats, grad_rows, spec, need_grad_s=True, need_grad_t=False
+):
     """-> (grad_s or None, grad_t or None)
 
     Gradients of sum_r grad_rows[r] * row_loss[r] from the ``stats`` saved by
     :func:`divergence_forward`, in one kernel launch and one pass over each row.
     """
-    return _divergence_backward(s, t, weight, mask, stats, grad_rows, spec, need_grad_s, need_grad_t)
+    return _divergence_backward(
+        s, t, weight, mask, stats, grad_rows, spec, need_grad_s, need_grad_t
+    )
