@@ -15,9 +15,11 @@
 // threads during interpreter shutdown is a classic source of hangs); a forked child (e.g. a
 // DataLoader worker) has no worker threads, so it detects the new pid and builds a fresh pool.
 //
-// This header is shared by every ISA variant of the kernels: keep it free of code the
-// compiler could vectorise (it is type-erased through a function pointer, so the per-ISA
-// lambdas stay in their own translation units).
+// This header is shared by every ISA variant of the kernels (one pool for all of them). Its
+// inline functions are compiled in each ISA's object and the linker keeps one copy, the first
+// in link order: link the baseline object first (CMakeLists.txt lists base, avx2, avx512), so
+// that the copy kept never needs AVX. The per-ISA lambdas reach the pool type-erased through a
+// function pointer and stay in their own translation units.
 #pragma once
 
 #include <algorithm>

@@ -94,10 +94,12 @@ def _xlogy_terms(spec: DivSpec, logp: Tensor, logq: Tensor) -> tuple[Tensor, Ten
     if spec.mode == 0:
         ls = logp - logq
         return ls, -ls
-    # nan_to_num: where both probabilities are 0 (d = -inf - -inf) or one is (d = +-inf) the
-    # terms are masked out later; finite d keeps autograd's local derivatives finite there.
-    d = torch.nan_to_num(logq - logp, nan=0.0)
-    w = torch.where(d <= 0, spec.beta, 1.0 - spec.beta)
+    d = logq - logp
+    # where both probabilities are 0, d = -inf - -inf is NaN: those terms are masked out later,
+    # and d = 0 keeps autograd's local derivatives finite there. NaN logits stay NaN.
+    both_zero = (logp == float("-inf")) & (logq == float("-inf"))
+    d = torch.where(both_zero, torch.zeros_like(d), d)
+    w = torch.full_like(d, 1.0 - spec.beta).masked_fill(d <= 0, spec.beta)
     z = torch.log1p(w * torch.expm1(-d.abs()))
     log_m_minus_logp = z + d.clamp(min=0)
     log_m_minus_logq = z - d.clamp(max=0)

@@ -259,6 +259,11 @@ def test_edge_values(backend, device):
     loss, g = sk.softmax_divergence_and_grad(s4, t, reduction="none", backend=backend)
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all()
     assert torch.isnan(g[2]).all()
+    for kind, beta in KINDS:  # the teacher's gradient of a NaN row is NaN too, never 0
+        _, _, gt = sk.softmax_divergence_and_grad(
+            s4, t, kind=kind, beta=beta, reduction="none", teacher_grad=True, backend=backend
+        )
+        assert torch.isnan(gt[2]).all() and torch.isfinite(gt[[0, 1, 3, 4, 5]]).all(), (kind, beta)
     assert torch.isnan(sk.softmax_divergence(s4, t, backend=backend))
     t4 = t.clone()
     t4[1, 0] = float("nan")
