@@ -166,6 +166,7 @@ def main(argv=None):
     env = environment(device)
     env["peak_copy_gbps"] = peak_copy_gbps(device)
     rows = []
+    out_path = Path(args.out) if args.out else None
     for dtype in dtypes:
         for n, c in shapes:
             for mode in args.modes.split(","):
@@ -186,10 +187,11 @@ def main(argv=None):
                         r["kind"] = args.kind
                         rows.append(r)
                         _print_row(r, env)
+                write_results("divergence", env, rows, out_path)  # partial results survive a kill
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     _print_ratios(rows)
-    path = write_results("divergence", env, rows, Path(args.out) if args.out else None)
+    path = write_results("divergence", env, rows, out_path)
     print(f"wrote {path}")
     if args.plot:
         _plot(rows, path.with_suffix(".png"))

@@ -18,5 +18,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m ssld_kernels | tee "$OUT/backends.txt"
 python3 -m pytest -q -m cuda tests "$@" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ]; then
-  python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot 2>&1 | tee "$OUT/bench.log" | tail -60
+  python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot \
+    --providers "${SSLD_BENCH_PROVIDERS:-ssld-cuda,ssld-triton,eager,compile,liger}" 2>&1 \
+    | tee "$OUT/bench.log" | tail -60
 fi
