@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build with CUDA, run the `cuda` tests, benchmark the loss.
 # Usage (repository root): OUT=/some/dir bash bench/gpu_session.sh [pytest args...]
+# Env: SSLD_SKIP_TESTS=1, SSLD_SKIP_BENCH=1, SSLD_BENCH_ARGS="--dtypes bfloat16",
+#      SSLD_GIT_SHA (recorded in the JSON when the tree has no .git, as on a device copy)
 # Liger-Kernel wheels, if wanted, go in .whl/ (see bench/README.md).
 set -uo pipefail
 OUT=${OUT:-/tmp/ssld-gpu}
@@ -16,9 +18,11 @@ t0=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m ssld_kernels | tee "$OUT/backends.txt"
-python3 -m pytest -q -m cuda tests "$@" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+if [ "${SSLD_SKIP_TESTS:-0}" != "1" ]; then
+  python3 -m pytest -q -m cuda tests "$@" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
+fi
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ]; then
-  python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot \
+  python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot ${SSLD_BENCH_ARGS:-} \
     --providers "${SSLD_BENCH_PROVIDERS:-ssld-cuda,ssld-triton,eager,compile,liger}" 2>&1 \
     | tee "$OUT/bench.log" | tail -60
 fi
