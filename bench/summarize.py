@@ -52,5 +52,14 @@ def table(path):
 
 
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
+    args = sys.argv[1:]
+    plot = "--plot" in args
+    for path in [a for a in args if a != "--plot"]:
         table(path)
+        if plot:
+            from pathlib import Path
+
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_divergence import _plot
+
+            _plot(json.loads(open(path).read())["results"], Path(path).with_suffix(".png"))
