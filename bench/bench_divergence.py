@@ -264,7 +264,7 @@ def _plot(rows, path):
         ax.set_xlabel("rows x classes")
         ax.set_ylabel("median ms")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
