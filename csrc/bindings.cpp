@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common.h"
+#include "match.h"
 
 namespace py = pybind11;
 
@@ -16,8 +17,12 @@ int cuda_device_count();
 #endif
 }  // namespace ssld
 
-template <void (*F)(const ssld::DivParams&)>
-void run_released(const ssld::DivParams& p) {
+// run_released<f>: calls the kernel f(const P&) with the GIL released (P deduced from f).
+template <class Fn> struct KernelParam;
+template <class P> struct KernelParam<void (*)(const P&)> { using type = P; };
+
+template <auto F>
+void run_released(const typename KernelParam<decltype(F)>::type& p) {
   py::gil_scoped_release release;
   F(p);
 }
@@ -32,9 +37,17 @@ PYBIND11_MODULE(_C, m) {
       F(weight) F(mask) F(grad_rows) F(grad_rows_stride) F(row_loss) F(stats)
       F(grad_s) F(grad_s_stride) F(grad_t) F(grad_t_stride) F(num_threads) F(stream) F(device);
 #undef F
+  py::class_<ssld::KnnParams>(m, "KnnParams")
+      .def(py::init<>())
+#define F(name) .def_readwrite(#name, &ssld::KnnParams::name)
+      F(q) F(q_stride) F(nq_total) F(db) F(db_stride) F(ndb_total) F(dtype) F(dim)
+      F(n_groups) F(q_off) F(db_off) F(k) F(out_dist) F(out_idx) F(num_threads);
+#undef F
   m.def("cpu_isa", &ssld::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("divergence_forward_cpu", &run_released<ssld::divergence_forward_cpu>);
   m.def("divergence_backward_cpu", &run_released<ssld::divergence_backward_cpu>);
+  m.def("match_knn_cpu", &run_released<ssld::match_knn_cpu>,
+        "exact k-nearest-neighbour matching over ragged groups (see csrc/match.h)");
 #ifdef SSLD_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_device_count", &ssld::cuda_device_count);

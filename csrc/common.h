@@ -16,8 +16,8 @@ namespace ssld {
 // Floats saved per row by the forward for the backward (see DivParams::stats).
 constexpr int kStatsWidth = 6;
 
-// dtype codes shared with ssld_kernels/divergence.py (_DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// dtype codes shared with ssld_kernels/divergence.py and match.py (_DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kUInt8 = 4 };
 
 inline const char* dtype_name(int d) {
   switch (d) {
@@ -25,6 +25,7 @@ inline const char* dtype_name(int d) {
     case kFloat16: return "float16";
     case kBFloat16: return "bfloat16";
     case kFloat64: return "float64";
+    case kUInt8: return "uint8";
     default: return "unknown";
   }
 }

@@ -1,7 +1,8 @@
 """ssld_kernels: fused kernels for knowledge distillation.
 
 Softmax + divergence losses (JSD, symmetric KL, KL) forward and backward in one pass from
-logits, on CUDA, Triton, C++ CPU and plain PyTorch backends. ``python -m ssld_kernels``
+logits, on CUDA, Triton, C++ CPU and plain PyTorch backends; exact batched descriptor
+matching (k-NN, Lowe's ratio test over many image pairs) on C++ CPU and PyTorch backends. ``python -m ssld_kernels``
 lists the backends available here and why any is missing.
 """
 
@@ -15,6 +16,7 @@ from ssld_kernels.divergence import (
     softmax_divergence,
     softmax_divergence_and_grad,
 )
+from ssld_kernels.match import match_knn, match_pairs
 
 __all__ = [
     "__version__",
@@ -24,4 +26,6 @@ __all__ = [
     "JSDLoss",
     "SymmetricKLLoss",
     "KLDivLoss",
+    "match_knn",
+    "match_pairs",
 ]

@@ -97,19 +97,36 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name, (ok, _) in backend_status(dtype).items() if ok]
 
 
-def supports_dtype(backend: str, dtype: torch.dtype) -> bool:
+# Which backends implement each op family.
+OP_BACKENDS = {"divergence": BACKENDS, "match": ("cpu", "torch")}
+
+
+def supports_dtype(backend: str, dtype: torch.dtype, op: str = "divergence") -> bool:
+    if op == "match":
+        return dtype in (torch.uint8, torch.float32)
     if dtype == torch.float64:
         return backend in ("cpu", "torch")
     return dtype in _LOW_PRECISION
 
 
+def _op_status(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
+    status = dict(backend_status(device_type))
+    for name in BACKENDS:
+        if name not in OP_BACKENDS[op]:
+            status[name] = (False, f"{op} has no {name} backend yet")
+    mod = ext()
+    if op == "match" and status["cpu"][0] and not hasattr(mod, "match_knn_cpu"):
+        status["cpu"] = (False, "ssld_kernels._C predates match_knn_cpu; rebuild it")
+    return status
+
+
 @functools.cache
-def _resolve(requested: str, device_type: str, dtypes: tuple) -> str:
-    status = backend_status(device_type)
+def _resolve(requested: str, device_type: str, dtypes: tuple, op: str = "divergence") -> str:
+    status = _op_status(op, device_type)
     if requested == "auto":
         order = ("cpu", "torch") if device_type == "cpu" else ("cuda", "triton", "torch")
         for name in order:
-            if status[name][0] and all(supports_dtype(name, d) for d in dtypes):
+            if status[name][0] and all(supports_dtype(name, d, op) for d in dtypes):
                 return name
         return "torch"
     if requested not in BACKENDS:
@@ -120,23 +137,28 @@ def _resolve(requested: str, device_type: str, dtypes: tuple) -> str:
             f"backend {requested!r} is not available for {device_type} tensors: {why}"
         )
     for d in dtypes:
-        if not supports_dtype(requested, d):
+        if not supports_dtype(requested, d, op):
             raise TypeError(f"backend {requested!r} does not support dtype {d}")
     return requested
 
 
 @torch.compiler.assume_constant_result
-def _resolve_static(backend: str | None, device_type: str, dtypes: tuple) -> str:
-    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto") or "auto"
-    return _resolve(requested.lower(), device_type, dtypes)
+def _resolve_static(backend: str | None, device_type: str, dtypes: tuple, op: str) -> str:
+    if backend is None:  # the environment is a preference: ops without that backend use auto
+        backend = os.environ.get(ENV_VAR, "auto").lower() or "auto"
+        if backend in BACKENDS and backend not in OP_BACKENDS[op]:
+            backend = "auto"
+    return _resolve(backend.lower(), device_type, dtypes, op)
 
 
-def resolve_backend(backend: str | None, device: torch.device, dtypes: tuple) -> str:
-    """Pick the backend for tensors on ``device`` with ``dtypes`` (static information only).
+def resolve_backend(
+    backend: str | None, device: torch.device, dtypes: tuple, op: str = "divergence"
+) -> str:
+    """Pick the backend of ``op`` for tensors on ``device`` with ``dtypes`` (static facts only).
 
     torch.compile evaluates this once while tracing and bakes the answer into the graph.
     """
-    return _resolve_static(backend, device.type, tuple(dtypes))
+    return _resolve_static(backend, device.type, tuple(dtypes), op)
 
 
 def describe() -> str:

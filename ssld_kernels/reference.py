@@ -228,3 +228,41 @@ def softmax_divergence(
     m = None if mask is None else mask.reshape(-1)
     rows = divergence_rows(spec, s, t, w, m)
     return reduce_rows(rows, reduction, m, lead)
+
+
+# ----------------------------------------------------------------------------------------------
+# Descriptor matching
+# ----------------------------------------------------------------------------------------------
+
+
+def squared_distances(queries: Tensor, database: Tensor) -> Tensor:
+    """Exact squared L2 distances (nq, ndb): int64 for uint8 descriptors, float64 otherwise.
+
+    Computed as sum_d (a_d - b_d)^2 (no |a|^2 + |b|^2 - 2ab expansion, which cancels).
+    """
+    acc = torch.int64 if queries.dtype == torch.uint8 else torch.float64
+    diff = queries.to(acc)[:, None, :] - database.to(acc)[None, :, :]
+    return (diff * diff).sum(-1)
+
+
+def knn(queries: Tensor, database: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Brute-force k nearest neighbours: (dist2 float32 (nq, k), index int64 (nq, k)).
+
+    Ascending by distance, ties to the lower database index (a stable sort). Queries are
+    processed in chunks so memory stays O(chunk * ndb * dim).
+    """
+    nq, ndb = queries.shape[0], database.shape[0]
+    dist = torch.empty((nq, k), dtype=torch.float32, device=queries.device)
+    index = torch.empty((nq, k), dtype=torch.int64, device=queries.device)
+    chunk = max(1, (1 << 24) // max(1, ndb * queries.shape[1]))
+    for start in range(0, nq, chunk):
+        d = squared_distances(queries[start : start + chunk], database)
+        d = (
+            torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+            if d.is_floating_point()
+            else d
+        )
+        vals, idx = torch.sort(d, dim=1, stable=True)
+        dist[start : start + chunk] = vals[:, :k].to(torch.float32)
+        index[start : start + chunk] = idx[:, :k]
+    return dist, index
