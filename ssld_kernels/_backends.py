@@ -183,4 +183,7 @@ def describe() -> str:
     lines.append(f"  {ENV_VAR}={os.environ.get(ENV_VAR, '') or '(unset: auto)'}")
     for name, (ok, why) in backend_status(None).items():
         lines.append(f"  {name:7s} {'available' if ok else 'missing'}{'' if ok else ': ' + why}")
+    for op in OP_BACKENDS:
+        usable = [n for n, (ok, _) in _op_status(op, "cpu").items() if ok]
+        lines.append(f"  {op} on CPU tensors: {', '.join(usable)}")
     return "\n".join(lines)
