@@ -54,7 +54,7 @@ class ThreadPool {
  public:
   using ChunkFn = void (*)(void* ctx, std::int64_t begin, std::int64_t end);
   static constexpr int kMaxThreads = 1024;
-  static constexpr int kSpinIters = 4000;  // ~0.1-0.2 ms of pause before sleeping
+  static constexpr int kSpinIters = 20000;  // ~0.5-1 ms of pause before sleeping
 
   ThreadPool() : pid_(::getpid()) {}
   ThreadPool(const ThreadPool&) = delete;
