@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cpu_scratch.h"
 #include "cpu_math.h"
 #include "thread_pool.h"
 
@@ -93,26 +94,7 @@ template <> struct Elem<kFloat64> {
 inline int64_t dtype_size(int dt) { return dt == kFloat64 ? 8 : dt == kFloat32 ? 4 : 2; }
 
 // ---------------------------------------------------------------- thread-local scratch
-struct Scratch {
-  void* ptr = nullptr;
-  std::size_t bytes = 0;
-  Scratch() = default;
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  ~Scratch() { std::free(ptr); }
-  void* get(std::size_t need) {
-    if (need > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      const std::size_t rounded = (need + 63) / 64 * 64;
-      ptr = std::aligned_alloc(64, rounded);
-      if (ptr == nullptr) throw std::bad_alloc();
-      bytes = rounded;
-    }
-    return ptr;
-  }
-};
+using Scratch = AlignedBuf;  // csrc/cpu_scratch.h
 
 thread_local Scratch tl_scratch;
 
@@ -122,7 +104,7 @@ struct RowBuffers {
   Acc* buf[4];
   RowBuffers(int64_t n, int nbuf) {
     const int64_t stride = (n + 15) / 16 * 16;
-    Acc* base = static_cast<Acc*>(tl_scratch.get(static_cast<std::size_t>(stride * nbuf) * sizeof(Acc)));
+    Acc* base = static_cast<Acc*>(tl_scratch.get_bytes(static_cast<std::size_t>(stride * nbuf) * sizeof(Acc)));
     for (int i = 0; i < 4; ++i) buf[i] = i < nbuf ? base + stride * i : nullptr;
   }
 };

@@ -48,6 +48,7 @@
 #endif
 
 #include "common.h"
+#include "cpu_scratch.h"
 #include "match.h"
 #include "thread_pool.h"
 
@@ -352,28 +353,7 @@ struct Task {
   int64_t q0, q1;  // global query rows
 };
 
-struct AlignedBuf {
-  void* ptr = nullptr;
-  std::size_t bytes = 0;
-  AlignedBuf() = default;
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-  ~AlignedBuf() { std::free(ptr); }
-  template <class T>
-  T* get(int64_t n) {
-    const std::size_t need = static_cast<std::size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-    if (need > bytes) {
-      std::free(ptr);
-      ptr = nullptr;
-      bytes = 0;
-      const std::size_t rounded = (need + 63) / 64 * 64;
-      ptr = std::aligned_alloc(64, rounded);
-      if (ptr == nullptr) throw std::bad_alloc();
-      bytes = rounded;
-    }
-    return static_cast<T*>(ptr);
-  }
-};
+// AlignedBuf: csrc/cpu_scratch.h
 
 struct Scratch {
   AlignedBuf a, anorm, panel, pnorm, state;
