@@ -47,7 +47,10 @@ __all__ = [
     "make_spec",
     "divergence_rows",
     "divergence_rows_and_grad",
-    "softmax_divergence",
+    "reduce_rows",
+    "row_count",
+    "squared_distances",
+    "knn",
 ]
 
 KINDS = ("jsd", "sym_kl", "kl")
@@ -202,32 +205,6 @@ def row_count(n: int, mask: Tensor | None, dtype, device) -> Tensor | float:
     if mask is None:
         return float(max(n, 1))
     return mask.reshape(-1).sum().clamp(min=1).to(dtype)
-
-
-def softmax_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    *,
-    kind: str = "jsd",
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    reduction: str = "batchmean",
-    weight: Tensor | None = None,
-    mask: Tensor | None = None,
-    teacher_grad: bool = False,
-) -> Tensor:
-    """Reference implementation of :func:`ssld_kernels.softmax_divergence` (no validation)."""
-    spec = make_spec(kind, beta, temperature)
-    lead = student_logits.shape[:-1]
-    c = student_logits.shape[-1]
-    s = student_logits.reshape(-1, c)
-    t = teacher_logits.reshape(-1, c)
-    if not teacher_grad:
-        t = t.detach()
-    w = None if weight is None else weight.reshape(-1)
-    m = None if mask is None else mask.reshape(-1)
-    rows = divergence_rows(spec, s, t, w, m)
-    return reduce_rows(rows, reduction, m, lead)
 
 
 # ----------------------------------------------------------------------------------------------
