@@ -143,6 +143,54 @@ def _row_scale(
     return tl.where(keep, g, 0.0)
 
 
+@triton.jit
+def _grad_pass(
+    s_row,
+    t_row,
+    grad_s_ptr,
+    grad_t_ptr,
+    row,
+    n_cols,
+    n_load,
+    keep,
+    inv_temp,
+    m_s,
+    log_d_s,
+    m_t,
+    log_d_t,
+    a,
+    b,
+    g,
+    beta,
+    coef_a,
+    coef_b,
+    MODE: tl.constexpr,
+    WRITE_GRAD_S: tl.constexpr,
+    WRITE_GRAD_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One pass over a row writing dL/ds and/or dL/dt from its statistics (shared by the
+    fused forward's pass 3 and the backward); masked rows (keep False) write exact zeros."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        in_row = cols < n_cols
+        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
+        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
+        p = tl.exp(logp)
+        q = tl.exp(logq)
+        ls, lt = _log_ratios(logp, logq, beta, MODE)
+        gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
+        if WRITE_GRAD_S:
+            gs = tl.where(keep, gs, 0.0)
+            out = grad_s_ptr + row * n_cols + cols
+            tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
+        if WRITE_GRAD_T:
+            gt = tl.where(keep, gt, 0.0)
+            out = grad_t_ptr + row * n_cols + cols
+            tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+
+
 # ----------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------
@@ -251,23 +299,31 @@ def _divergence_fwd_kernel(
         g = _row_scale(
             row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT
         )
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offs
-            in_row = cols < n_cols
-            logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
-            logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
-            p = tl.exp(logp)
-            q = tl.exp(logq)
-            ls, lt = _log_ratios(logp, logq, beta, MODE)
-            gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
-            if WRITE_GRAD_S:
-                gs = tl.where(keep, gs, 0.0)
-                out = grad_s_ptr + row * n_cols + cols
-                tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
-            if WRITE_GRAD_T:
-                gt = tl.where(keep, gt, 0.0)
-                out = grad_t_ptr + row * n_cols + cols
-                tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+        _grad_pass(
+            s_row,
+            t_row,
+            grad_s_ptr,
+            grad_t_ptr,
+            row,
+            n_cols,
+            n_load,
+            keep,
+            inv_temp,
+            m_s,
+            log_d_s,
+            m_t,
+            log_d_t,
+            a,
+            b,
+            g,
+            beta,
+            coef_a,
+            coef_b,
+            MODE,
+            WRITE_GRAD_S,
+            WRITE_GRAD_T,
+            BLOCK,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -308,7 +364,6 @@ def _divergence_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
-    offs = tl.arange(0, BLOCK)
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
         n_load = tl.where(keep, n_cols, 0)
@@ -325,23 +380,31 @@ def _divergence_bwd_kernel(
     b = tl.load(stats_row + 5)
     g = _row_scale(row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT)
 
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        in_row = cols < n_cols
-        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
-        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
-        p = tl.exp(logp)
-        q = tl.exp(logq)
-        ls, lt = _log_ratios(logp, logq, beta, MODE)
-        gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
-        if WRITE_GRAD_S:
-            gs = tl.where(keep, gs, 0.0)
-            out = grad_s_ptr + row * n_cols + cols
-            tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
-        if WRITE_GRAD_T:
-            gt = tl.where(keep, gt, 0.0)
-            out = grad_t_ptr + row * n_cols + cols
-            tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+    _grad_pass(
+        s_row,
+        t_row,
+        grad_s_ptr,
+        grad_t_ptr,
+        row,
+        n_cols,
+        n_load,
+        keep,
+        inv_temp,
+        m_s,
+        log_d_s,
+        m_t,
+        log_d_t,
+        a,
+        b,
+        g,
+        beta,
+        coef_a,
+        coef_b,
+        MODE,
+        WRITE_GRAD_S,
+        WRITE_GRAD_T,
+        BLOCK,
+    )
 
 
 # ----------------------------------------------------------------------------------------
