@@ -53,7 +53,14 @@ def test_extract_resume_and_flip(photo_dir, tmp_path):
     out = tmp_path / "feat"
     summary = extract(photo_dir, out, cfg, progress=False)
     n = len(list_images(photo_dir))
-    assert summary == {"images": n, "shards": 3, "written": 3, "failed": ["broken.jpg"]}
+    assert summary == {
+        "images": n,
+        "shards": 3,
+        "written": 3,
+        "extracted": n,
+        "failed": ["broken.jpg"],
+        "missing": [],
+    }
     assert (out / "failed.txt").read_text().split() == ["broken.jpg"]
     feats = load_features(out)
     assert len(feats["offsets"]) == len(feats["image"]) + 1 == 2 * (n - 1) + 1
@@ -61,6 +68,7 @@ def test_extract_resume_and_flip(photo_dir, tmp_path):
     assert feats["flipped"].sum() == n - 1
     per_entry = np.diff(feats["offsets"])
     assert per_entry.max() <= 64 and per_entry.min() > 0
+    assert np.array_equal(feats["size"][feats["image"] == 0][0], [512, 512])  # astronaut
     # the mirrored copy is a different set of descriptors of the same image
     first = np.flatnonzero(feats["image"] == feats["image"][0])
     a, b = (feats["desc"][feats["offsets"][e] : feats["offsets"][e + 1]] for e in first)
@@ -92,3 +100,44 @@ def test_workers_match_serial(photo_dir, tmp_path):
 def test_bad_config():
     with pytest.raises(ValueError, match="max_keypoints"):
         ExtractConfig(max_keypoints=0)
+
+
+def test_append_new_images(photo_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(photo_dir, src)
+    cfg = ExtractConfig(max_side=160, max_keypoints=16, shard_size=3)
+    out = tmp_path / "feat"
+    first = extract(src, out, cfg, progress=False)
+    n = first["images"]  # 8 images: shards of 3, 3, 2
+    old = load_features(out)
+    shutil.copy(src / "astronaut.png", src / "aaa_new.png")  # sorts first, but is appended
+    (src / "coffee.png").unlink()
+    again = extract(src, out, cfg, progress=False)
+    assert again["images"] == n + 1 and again["written"] == 1  # the partial last shard redone
+    assert again["missing"] == ["coffee.png"]
+    new = load_features(out)
+    assert new["images"] == old["images"] + ["aaa_new.png"]
+    cam = new["images"].index("astronaut.png")
+    rows = (
+        lambda f, i: f["desc"][  # noqa: E731
+            f["offsets"][np.flatnonzero(f["image"] == i)[0]] : f["offsets"][
+                np.flatnonzero(f["image"] == i)[0] + 1
+            ]
+        ]
+    )
+    assert np.array_equal(rows(new, n), rows(new, cam))  # the copy has the same features
+    assert np.array_equal(rows(new, 0), rows(old, 0))
+
+
+def test_shard_subset(photo_dir, tmp_path):
+    cfg = ExtractConfig(max_side=160, max_keypoints=16, shard_size=3)
+    out = tmp_path / "feat"
+    part = extract(photo_dir, out, cfg, progress=False, shards=lambda s: s % 2 == 1)
+    assert part["written"] == 1
+    assert load_features(out, shards=[1])["image"].min() == 3
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        load_features(out)
+    assert extract(photo_dir, out, cfg, progress=False, start=1)["written"] == 2
+    assert len(load_features(out)["images"]) == 8
