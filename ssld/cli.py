@@ -7,6 +7,7 @@ give one line naming the argument and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ssld import __version__
@@ -25,6 +26,240 @@ def _cmd_info(args) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A bad argument found after parsing: reported in one line with exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n such as 0/4, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"expected i/n with 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _existing_dir(text: str) -> str:
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"not a folder: {text}")
+    return text
+
+
+def _existing_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    return text
+
+
+def resolve_device(text: str, local_rank: int = 0):
+    """'auto' -> cuda:LOCAL_RANK when a GPU is visible, else cpu; anything else is checked."""
+    import torch
+
+    if text == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"argument --device: not a device: {text!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"argument --device: {text} requested but no CUDA device is visible")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise UsageError(f"argument --device: {device} does not exist")
+    elif device.type != "cpu":
+        raise UsageError(f"argument --device: expected auto, cpu or cuda[:i], got {text!r}")
+    return device
+
+
+def _add_dedup(sub) -> None:
+    p = sub.add_parser(
+        "dedup",
+        help="flag query images that near-duplicate reference images (SIFT + verification)",
+        description=(
+            "Flag every query (gallery) image that is a near-duplicate of a reference "
+            "(validation) image: SIFT features, a VLAD shortlist, exact descriptor matching "
+            "with the ratio test, geometric verification. Writes OUT/duplicates.csv, "
+            "OUT/keep.txt, OUT/failed.txt, OUT/report.md and OUT/matches/*.png. Resumable: "
+            "run the same command again to continue. Several processes: --shard i/n each "
+            "(the last to finish writes the outputs) or torchrun --nproc-per-node N."
+        ),
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--query", required=True, type=_existing_dir, help="gallery image folder")
+    g.add_argument("--reference", required=True, type=_existing_dir, help="validation folder")
+    g.add_argument("--out", required=True, help="output folder (created; holds all state)")
+    g = p.add_argument_group("extraction")
+    g.add_argument("--max-side", type=_positive_int, default=640, help="resize longest side")
+    g.add_argument("--max-keypoints", type=_positive_int, default=512, help="strongest K")
+    g.add_argument("--root-sift", action="store_true", help="RootSIFT descriptors")
+    g.add_argument("--no-flip", action="store_true", help="do not also match mirrored query images")
+    g.add_argument("--shard-size", type=_positive_int, default=1000, help="images per shard")
+    g.add_argument(
+        "--workers", type=_nonneg_int, default=None, help="SIFT processes (default: CPU count)"
+    )
+    g = p.add_argument_group("shortlist")
+    g.add_argument("--exhaustive", action="store_true", help="verify all pairs (small sets only)")
+    g.add_argument(
+        "--shortlist-k",
+        type=_positive_int,
+        default=5,
+        help="reference images verified per query entry",
+    )
+    g.add_argument("--clusters", type=_positive_int, default=64, help="VLAD codebook size")
+    g.add_argument(
+        "--vlad-dim", type=_nonneg_int, default=256, help="PCA dimension of VLAD (0: none)"
+    )
+    g.add_argument(
+        "--query-embeddings",
+        type=_existing_file,
+        help=".npy, one row per query image in sorted path order (replaces VLAD)",
+    )
+    g.add_argument(
+        "--reference-embeddings", type=_existing_file, help=".npy for the reference images"
+    )
+    g = p.add_argument_group("verification")
+    g.add_argument("--ratio", type=_ratio, default=0.8, help="Lowe's ratio test threshold")
+    g.add_argument("--mutual", action="store_true", help="also require mutual nearest neighbours")
+    g.add_argument("--min-matches", type=_positive_int, default=12, help="before geometry")
+    g.add_argument("--min-inliers", type=_positive_int, default=12, help="to flag a pair")
+    g.add_argument("--geometry", choices=("similarity", "homography", "none"), default="similarity")
+    g.add_argument("--reproj-px", type=_positive_float, default=6.0, help="RANSAC tolerance")
+    g = p.add_argument_group("execution")
+    g.add_argument("--shard", type=_shard, default=None, help="i/n: this process's share")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    g.add_argument("--backend", default=None, help="ssld_kernels backend (default: auto)")
+    g.add_argument("--pictures", type=_nonneg_int, default=8, help="strongest pairs to draw")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_dedup)
+
+
+def _cmd_dedup(args) -> int:
+    from ssld.dedup.extract import ExtractConfig
+    from ssld.dedup.pipeline import DedupConfig, run_dedup, write_outputs
+    from ssld.dedup.verify import VerifyConfig
+
+    if (args.query_embeddings is None) != (args.reference_embeddings is None):
+        raise UsageError("argument --query-embeddings/--reference-embeddings: give both or neither")
+    if args.exhaustive and args.query_embeddings:
+        raise UsageError("argument --exhaustive: not allowed with --query-embeddings")
+    shortlist = (
+        "exhaustive" if args.exhaustive else "embeddings" if args.query_embeddings else "vlad"
+    )
+    cfg = DedupConfig(
+        extract=ExtractConfig(
+            max_side=args.max_side,
+            max_keypoints=args.max_keypoints,
+            root_sift=args.root_sift,
+            shard_size=args.shard_size,
+        ),
+        flip=not args.no_flip,
+        shortlist=shortlist,
+        shortlist_k=args.shortlist_k,
+        clusters=args.clusters,
+        vlad_dim=args.vlad_dim,
+        verify=VerifyConfig(
+            ratio=args.ratio,
+            mutual=args.mutual,
+            min_matches=args.min_matches,
+            min_inliers=args.min_inliers,
+            geometry=args.geometry,
+            reproj_px=args.reproj_px,
+        ),
+        pictures=args.pictures,
+    )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world > 1 and args.shard is None
+    shard = (rank, world) if distributed else (args.shard or (0, 1))
+    device = resolve_device(args.device, local_rank if distributed else 0)
+    if args.backend is not None:
+        from ssld_kernels._backends import BACKENDS
+
+        if args.backend not in ("auto",) + BACKENDS:
+            raise UsageError(f"argument --backend: expected one of {BACKENDS}, got {args.backend}")
+    workers = os.cpu_count() or 1 if args.workers is None else args.workers
+    if distributed:
+        workers = max(1, workers // world)
+    embeddings = (
+        (args.query_embeddings, args.reference_embeddings) if args.query_embeddings else None
+    )
+    common = dict(device=device, backend=args.backend)
+    summary = run_dedup(
+        args.query,
+        args.reference,
+        args.out,
+        cfg,
+        shard=shard,
+        workers=workers,
+        progress=not args.quiet,
+        embeddings=embeddings,
+        write_report=not distributed,
+        **common,
+    )
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        try:
+            dist.barrier()
+            if rank == 0:
+                summary.update(write_outputs(args.query, args.reference, args.out, cfg, **common))
+                summary["written"] = True
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    if summary.get("written"):
+        print(
+            f"{summary['flagged_images']} of {summary['query_images']} query images flagged "
+            f"({summary['duplicate_pairs']} pairs); kept {summary['kept_images']}: "
+            f"{os.path.join(args.out, 'keep.txt')}, report: {os.path.join(args.out, 'report.md')}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ssld",
@@ -37,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     info = sub.add_parser("info", help="versions and available kernel backends")
     info.set_defaults(func=_cmd_info)
+    _add_dedup(sub)
     return parser
 
 
@@ -46,7 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        parser.exit(2, f"ssld {args.command}: error: {e}\n")
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        if os.environ.get("SSLD_DEBUG"):
+            raise
+        parser.exit(2, f"ssld {args.command}: error: {e}\n")
 
 
 if __name__ == "__main__":
