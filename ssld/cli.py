@@ -260,6 +260,151 @@ def _cmd_dedup(args) -> int:
     return 0
 
 
+def _three_floats(text: str) -> tuple:
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}")
+    return vals
+
+
+def _add_select(sub) -> None:
+    p = sub.add_parser(
+        "select",
+        help="per teacher class, keep the K gallery images the teacher is surest of",
+        description=(
+            "Classify every gallery image with the frozen teacher (class = argmax, score = "
+            "its softmax probability) and write FILE (path,class,score): per class the K "
+            "highest scores, ties to the lexicographically smaller path. Streaming, "
+            "resumable (rerun the same command after a kill), shardable (--shard i/n, or "
+            "torchrun; --merge combines finished parts)."
+        ),
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--gallery", required=True, help="image folder, or a text file of paths")
+    g.add_argument("--root", type=_existing_dir, help="folder the paths of a list are relative to")
+    g.add_argument("--k", required=True, type=_positive_int, help="images kept per class")
+    g.add_argument("--out", required=True, help="output CSV FILE (siblings FILE.*)")
+    g.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        type=_existing_file,
+        help="dedup duplicates.csv or keep.txt, or a list of paths to drop (repeatable)",
+    )
+    g.add_argument(
+        "--keep", action="append", default=[], type=_existing_file, help="list of paths to keep"
+    )
+    g = p.add_argument_group("teacher")
+    g.add_argument("--teacher", help="timm name, TorchScript file or module:callable")
+    g.add_argument("--teacher-weights", type=_existing_file, help="local weights file")
+    g.add_argument("--num-classes", type=_positive_int, help="classes of a timm teacher")
+    g.add_argument("--input-size", type=_positive_int, default=224)
+    g.add_argument("--crop-pct", type=_ratio, default=0.875, help="resize = size / crop-pct")
+    g.add_argument(
+        "--interpolation", choices=("bilinear", "bicubic", "area", "nearest"), default="bilinear"
+    )
+    g.add_argument("--mean", type=_three_floats, default=(0.485, 0.456, 0.406))
+    g.add_argument("--std", type=_three_floats, default=(0.229, 0.224, 0.225))
+    g = p.add_argument_group("execution")
+    g.add_argument("--batch-size", type=_positive_int, default=256)
+    g.add_argument("--workers", type=_nonneg_int, default=None, help="decoding processes")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    g.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast on GPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the teacher")
+    g.add_argument("--topm", type=_nonneg_int, default=0, help="save top-m probabilities")
+    g.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0)
+    g.add_argument("--max-batches", type=_positive_int, help="stop after N batches (resumable)")
+    g.add_argument("--shard", type=_shard, default=None, help="i/n: this process's share")
+    g.add_argument("--merge", action="store_true", help="only merge finished shard parts")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_select)
+
+
+def _cmd_select(args) -> int:
+    from ssld import select as sel
+    from ssld.data import EvalTransform
+    from ssld.teacher import TeacherError, load_model
+
+    paths, root = sel.gallery_paths(args.gallery, args.root)
+    paths, dropped = sel.apply_exclusions(paths, args.exclude, args.keep)
+    if not paths:
+        raise UsageError(f"argument --gallery: no images left in {args.gallery}")
+    if args.merge:
+        n = sel.find_shard_count(args.out)
+        counts = sel.merge(args.out, n, paths)
+        print(f"merged {n} parts: {counts['selected']} images selected -> {args.out}")
+        return 0
+    if not args.teacher:
+        raise UsageError("argument --teacher: required (unless --merge)")
+    try:
+        kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
+        teacher = load_model(args.teacher, args.teacher_weights, **kwargs)
+    except TeacherError as e:
+        raise UsageError(f"argument --teacher: {e}") from None
+    try:
+        transform = EvalTransform(args.input_size, args.crop_pct, args.interpolation)
+        cfg = sel.SelectConfig(
+            k=args.k,
+            batch_size=args.batch_size,
+            topm=args.topm,
+            transform=transform,
+            mean=args.mean,
+            std=args.std,
+            amp=not args.no_amp,
+            compile=args.compile,
+            checkpoint_seconds=args.checkpoint_seconds,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world > 1 and args.shard is None
+    shard = (rank, world) if distributed else (args.shard or (0, 1))
+    device = resolve_device(args.device, local_rank if distributed else 0)
+    workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
+    teacher_id = args.teacher + (
+        f"@{os.path.abspath(args.teacher_weights)}" if args.teacher_weights else ""
+    )
+    if dropped:
+        print(f"{dropped} gallery images excluded; {len(paths)} remain")
+    summary = sel.run_select(
+        teacher,
+        paths,
+        root,
+        args.out,
+        cfg,
+        teacher_id=teacher_id,
+        shard=shard,
+        device=device,
+        workers=workers,
+        progress=not args.quiet,
+        write_output=not distributed,
+        max_batches=args.max_batches,
+    )
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        try:
+            dist.barrier()
+            if rank == 0:
+                summary.update(sel.merge(args.out, world, paths))
+                summary["written"] = True
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    if summary.get("written"):
+        print(
+            f"{summary['selected']} images selected over {summary['classes']} classes "
+            f"({summary['classes_full']} with the full {args.k}; {summary['failed']} unreadable)"
+            f" -> {args.out}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ssld",
@@ -273,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions and available kernel backends")
     info.set_defaults(func=_cmd_info)
     _add_dedup(sub)
+    _add_select(sub)
     return parser
 
 
