@@ -296,6 +296,23 @@ def _infer(
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
+    model = prepare_teacher(teacher, cfg, device)
+    bar = _progress(len(ids), progress)
+    state = {"table": table, "done_batches": done_batches}
+
+    def checkpoint():
+        _save_part(ppath, state["table"], meta, state["done_batches"], failed, False)
+
+    try:
+        tp = consume(model, loader, cfg, device, state, failed, bar, checkpoint, max_batches)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state["table"], failed, state["done_batches"], tp
+
+
+def prepare_teacher(teacher: nn.Module, cfg: SelectConfig, device) -> nn.Module:
+    """The teacher on ``device`` in eval mode, channels_last and compiled as configured."""
     model = teacher.to(device)
     try:
         model.eval()
@@ -305,80 +322,92 @@ def _infer(
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model = torch.compile(model)
+    return model
+
+
+def consume(
+    model, batches, cfg, device, state, failed, bar=None, checkpoint=None, max_batches=None
+) -> Throughput:
+    """The hot loop: classify ``(uint8 images, ids, ok)`` batches into ``state["table"]``.
+
+    No host synchronisation per batch: shapes are checked from metadata, unreadable ids come
+    from the host-side ``ok`` mask, GPU time is measured with CUDA events read at the end.
+    ``checkpoint()`` is called every ``cfg.checkpoint_seconds`` and before a
+    ``max_batches`` stop.
+    """
+    device = torch.device(device)
     norm = Normalize(cfg.mean, cfg.std).to(device)
     cuda = device.type == "cuda"
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda and cfg.amp)
-    bar = _progress(len(ids), progress)
     tp = Throughput()
     events = []
     t_start = last_ckpt = time.perf_counter()
     processed = 0
-    it = iter(loader)
-    try:
-        while True:
-            t0 = time.perf_counter()
-            try:
-                imgs, batch_ids, ok = next(it)
-            except StopIteration:
-                break
-            t1 = time.perf_counter()
-            tp.data_wait += t1 - t0
-            if cuda:
-                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                ev[0].record()
-            with torch.inference_mode(), amp:
-                logits = model(norm(imgs))
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-                raise ValueError(
-                    "the teacher must return (N, classes) logits, got "
-                    f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}"
-                )
-            if logits.shape[0] != len(batch_ids):
-                raise ValueError(
-                    f"the teacher returned {logits.shape[0]} rows for {len(batch_ids)} images"
-                )
-            if table is None:
-                table = ClassTopK(logits.shape[1], cfg.k, device, cfg.topm)
-            elif logits.shape[1] != table.c:
-                raise ValueError(f"the teacher returned {logits.shape[1]} classes, not {table.c}")
-            with torch.inference_mode():
-                probs = logits.float().softmax(1)
-                score, cls = probs.max(1)
-                okd = ok.to(device, non_blocking=True)
-                idd = batch_ids.to(device, non_blocking=True)
-                tv = tc = None
-                if cfg.topm:
-                    tv, tc = probs.topk(min(cfg.topm, table.c), 1)
-                    tv, tc = _pad_topm(tv.half(), tc.int(), cfg.topm)
-                table.add(cls, score, torch.where(okd, idd, EMPTY_ID), tv, tc)
-            if cuda:
-                ev[1].record()
-                events.append(ev)
-            else:
-                tp.compute += time.perf_counter() - t1
-            bad = batch_ids[~ok]
-            if len(bad):
-                failed.update(bad.tolist())
-            done_batches += 1
-            processed += 1
-            tp.images += len(batch_ids)
-            if bar is not None:
-                bar.update(len(batch_ids))
-            stop = max_batches is not None and processed >= max_batches
-            now = time.perf_counter()
-            if stop or (cfg.checkpoint_seconds and now - last_ckpt >= cfg.checkpoint_seconds):
-                _save_part(ppath, table, meta, done_batches, failed, False)
-                last_ckpt = time.perf_counter()
-            if stop:
-                break
-    finally:
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            imgs, batch_ids, ok = next(it)
+        except StopIteration:
+            break
+        t1 = time.perf_counter()
+        tp.data_wait += t1 - t0
+        if cuda:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+        with torch.inference_mode(), amp:
+            logits = model(norm(imgs))
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            raise ValueError(
+                "the teacher must return (N, classes) logits, got "
+                f"{type(logits).__name__}{tuple(getattr(logits, 'shape', ()))}"
+            )
+        if logits.shape[0] != len(batch_ids):
+            raise ValueError(
+                f"the teacher returned {logits.shape[0]} rows for {len(batch_ids)} images"
+            )
+        table = state["table"]
+        if table is None:
+            table = state["table"] = ClassTopK(logits.shape[1], cfg.k, device, cfg.topm)
+        elif logits.shape[1] != table.c:
+            raise ValueError(f"the teacher returned {logits.shape[1]} classes, not {table.c}")
+        with torch.inference_mode():
+            probs = logits.float().softmax(1)
+            score, cls = probs.max(1)
+            okd = ok.to(device, non_blocking=True)
+            idd = batch_ids.to(device, non_blocking=True)
+            tv = tc = None
+            if cfg.topm:
+                tv, tc = probs.topk(min(cfg.topm, table.c), 1)
+                tv, tc = _pad_topm(tv.half(), tc.int(), cfg.topm)
+            table.add(cls, score, torch.where(okd, idd, EMPTY_ID), tv, tc)
+        if cuda:
+            ev[1].record()
+            events.append(ev)
+        else:
+            tp.compute += time.perf_counter() - t1
+        bad = batch_ids[~ok]
+        if len(bad):
+            failed.update(bad.tolist())
+        state["done_batches"] += 1
+        processed += 1
+        tp.images += len(batch_ids)
         if bar is not None:
-            bar.close()
+            bar.update(len(batch_ids))
+        stop = max_batches is not None and processed >= max_batches
+        now = time.perf_counter()
+        if checkpoint is not None and (
+            stop or (cfg.checkpoint_seconds and now - last_ckpt >= cfg.checkpoint_seconds)
+        ):
+            checkpoint()
+            last_ckpt = time.perf_counter()
+        if stop:
+            break
     if cuda:
         torch.cuda.synchronize(device)
         tp.compute = sum(a.elapsed_time(b) for a, b in events) / 1e3
     tp.seconds = time.perf_counter() - t_start
-    return table, failed, done_batches, tp
+    return tp
 
 
 def _pad_topm(val, cls, m):
