@@ -119,6 +119,15 @@ class Normalize(torch.nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
+def worker_init(_worker_id: int) -> None:
+    """DataLoader worker setup: one thread each for OpenCV and torch (the workers are the
+    parallelism; nested thread pools only oversubscribe the cores)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
 def read_list(path: str | os.PathLike) -> list[str]:
     """Non-empty, non-comment lines of a text file of image paths."""
     lines = Path(path).read_text().splitlines()

@@ -33,7 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssld.data import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, ImageList, Normalize
+from ssld.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EvalTransform,
+    ImageList,
+    Normalize,
+    worker_init,
+)
 
 EMPTY_ID = torch.iinfo(torch.int64).max
 
@@ -295,6 +302,7 @@ def _infer(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_init if workers else None,
     )
     model = prepare_teacher(teacher, cfg, device)
     bar = _progress(len(ids), progress)
