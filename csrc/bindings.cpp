@@ -41,7 +41,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<>())
 #define F(name) .def_readwrite(#name, &ssld::KnnParams::name)
       F(q) F(q_stride) F(nq_total) F(db) F(db_stride) F(ndb_total) F(dtype) F(dim)
-      F(n_groups) F(q_off) F(db_off) F(k) F(out_dist) F(out_idx) F(num_threads);
+      F(n_groups) F(q_off) F(db_off) F(k) F(out_dist) F(out_idx) F(num_threads) F(stream)
+      F(device);
 #undef F
   m.def("cpu_isa", &ssld::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("divergence_forward_cpu", &run_released<ssld::divergence_forward_cpu>);
@@ -53,6 +54,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &ssld::cuda_device_count);
   m.def("divergence_forward_cuda", &run_released<ssld::divergence_forward_cuda>);
   m.def("divergence_backward_cuda", &run_released<ssld::divergence_backward_cuda>);
+  m.def("match_knn_cuda", &run_released<ssld::match_knn_cuda>,
+        "exact k-nearest-neighbour matching over ragged groups on the GPU (see csrc/match.cu)");
 #else
   m.attr("with_cuda") = false;
   m.def("cuda_device_count", []() { return 0; });

@@ -41,9 +41,13 @@ struct KnnParams {
   int k = 2;                    // neighbours per query, 1..kKnnMaxK
   std::uintptr_t out_dist = 0;  // float32 [nq_total, k], contiguous
   std::uintptr_t out_idx = 0;   // int64 [nq_total, k], contiguous
-  int num_threads = 1;
+  int num_threads = 1;           // CPU: threads to use
+  std::uintptr_t stream = 0;     // CUDA: cudaStream_t of every launch (q, db, outputs on `device`;
+                                 //   q_off / db_off stay host arrays, read by the host)
+  int device = 0;                // CUDA: device index of every pointer
 };
 
 void match_knn_cpu(const KnnParams& p);
+void match_knn_cuda(const KnnParams& p);  // csrc/match.cu (builds with SSLD_WITH_CUDA only)
 
 }  // namespace ssld

@@ -98,7 +98,11 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 
 # Which backends implement each op family.
-OP_BACKENDS = {"divergence": BACKENDS, "match": ("cpu", "torch")}
+OP_BACKENDS = {"divergence": BACKENDS, "match": BACKENDS}
+# "auto" on GPU tensors, first available wins. Matching prefers triton until the CUDA matcher
+# (csrc/match.cu, not yet run on a GPU) has passed tests/test_match_cuda.py on a device; the
+# Triton kernel's results are verified bit for bit in the interpreter.
+GPU_AUTO_ORDER = {"divergence": ("cuda", "triton", "torch"), "match": ("triton", "cuda", "torch")}
 
 
 def supports_dtype(backend: str, dtype: torch.dtype, op: str = "divergence") -> bool:
@@ -115,8 +119,10 @@ def _op_status(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
         if name not in OP_BACKENDS[op]:
             status[name] = (False, f"{op} has no {name} backend yet")
     mod = ext()
-    if op == "match" and status["cpu"][0] and not hasattr(mod, "match_knn_cpu"):
-        status["cpu"] = (False, "ssld_kernels._C predates match_knn_cpu; rebuild it")
+    if op == "match":
+        for name in ("cpu", "cuda"):
+            if status[name][0] and not hasattr(mod, f"match_knn_{name}"):
+                status[name] = (False, f"ssld_kernels._C predates match_knn_{name}; rebuild it")
     return status
 
 
@@ -124,7 +130,7 @@ def _op_status(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
 def _resolve(requested: str, device_type: str, dtypes: tuple, op: str = "divergence") -> str:
     status = _op_status(op, device_type)
     if requested == "auto":
-        order = ("cpu", "torch") if device_type == "cpu" else ("cuda", "triton", "torch")
+        order = ("cpu", "torch") if device_type == "cpu" else GPU_AUTO_ORDER[op]
         for name in order:
             if status[name][0] and all(supports_dtype(name, d, op) for d in dtypes):
                 return name

@@ -43,6 +43,30 @@ def _ext_knn_ragged(q, db, q_off, db_off, k):
     return dist, index
 
 
+def _cuda_knn_ragged(q, db, q_off, db_off, k):
+    """CUDA kernel (csrc/match.cu): descriptors and outputs on one GPU, launched on that GPU's
+    current stream; the offsets are host arrays (read by the host to build the tile schedule)."""
+    if db.device != q.device:
+        raise ValueError(f"queries are on {q.device} but database is on {db.device}")
+    nq = q.shape[0]
+    dist = torch.empty((nq, k), dtype=torch.float32, device=q.device)
+    index = torch.empty((nq, k), dtype=torch.int64, device=q.device)
+    if nq == 0:
+        return dist, index
+    q_off = q_off.to(device="cpu", dtype=torch.int64).contiguous()
+    db_off = db_off.to(device="cpu", dtype=torch.int64).contiguous()
+    p = ext().KnnParams()
+    p.q, p.q_stride, p.nq_total = q.data_ptr(), q.stride(0), nq
+    p.db, p.db_stride, p.ndb_total = db.data_ptr(), db.stride(0), db.shape[0]
+    p.dtype, p.dim = _DTYPE_CODES[q.dtype], q.shape[1]
+    p.n_groups, p.q_off, p.db_off = q_off.numel() - 1, q_off.data_ptr(), db_off.data_ptr()
+    p.k, p.out_dist, p.out_idx = k, dist.data_ptr(), index.data_ptr()
+    p.device = q.device.index
+    p.stream = torch.cuda.current_stream(q.device).cuda_stream
+    ext().match_knn_cuda(p)
+    return dist, index
+
+
 def _torch_knn_ragged(q, db, q_off, db_off, k):
     nq = q.shape[0]
     dist = torch.full((nq, k), float("inf"), dtype=torch.float32, device=q.device)
@@ -66,6 +90,12 @@ def _match_knn_ragged(
     """Per ragged group k-NN: (dist2 float32 (nq, k), local index int64 (nq, k))."""
     if backend == "cpu":
         return _ext_knn_ragged(q, db, q_off, db_off, k)
+    if backend == "cuda":
+        return _cuda_knn_ragged(q, db, q_off, db_off, k)
+    if backend == "triton":
+        from ssld_kernels.triton.match import knn_ragged
+
+        return knn_ragged(q, db, q_off, db_off, k)
     return _torch_knn_ragged(q, db, q_off, db_off, k)
 
 
