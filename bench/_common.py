@@ -99,3 +99,45 @@ def write_results(name: str, env: dict, rows: list, out: Path | None = None) -> 
     path = out or RESULTS / f"{name}-{dev}-{env['git_sha']}.json"
     path.write_text(json.dumps({"benchmark": name, "env": env, "results": rows}, indent=1))
     return path
+
+
+def time_calls(fn, device: torch.device, reps: int = 3, warmup: int = 0) -> dict:
+    """Median / p20 / p80 ms of exactly ``reps`` timed calls (CUDA events on GPU).
+
+    For calls too slow for :func:`time_fn` (do_bench makes at least 8 calls); the caller
+    warms up. ``reps`` is recorded in the result.
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, reps)):
+        if device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": times[int(0.2 * (len(times) - 1))],
+        "p80_ms": times[int(0.8 * (len(times) - 1))],
+        "reps": len(times),
+    }
+
+
+def write_results_extra(
+    name: str, env: dict, rows: list, extra: dict, out: Path | None = None
+) -> Path:
+    """:func:`write_results` with more top-level keys (e.g. targets, provider status)."""
+    path = write_results(name, env, rows, out)
+    data = json.loads(path.read_text())
+    data.update(extra)
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return path

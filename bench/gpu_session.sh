@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build with CUDA, run the `cuda` tests, benchmark the loss.
+# One call on a GPU machine: build with CUDA, run the `cuda` tests, benchmark the loss and
+# descriptor matching.
 # Usage (repository root): OUT=/some/dir bash bench/gpu_session.sh [pytest args...]
-# Env: SSLD_SKIP_TESTS=1, SSLD_SKIP_BENCH=1, SSLD_BENCH_ARGS="--dtypes bfloat16",
+# Env: SSLD_SKIP_TESTS=1, SSLD_SKIP_BENCH=1 (no benchmark), SSLD_SKIP_DIVERGENCE=1,
+#      SSLD_SKIP_MATCH=1, SSLD_BENCH_ARGS="--dtypes bfloat16" (divergence),
+#      SSLD_MATCH_ARGS="--sizes 1000000x1000000 --pairs 4096" (bench_match.py),
 #      SSLD_GIT_SHA (recorded in the JSON when the tree has no .git, as on a device copy)
 # Liger-Kernel wheels, if wanted, go in .whl/ (see bench/README.md).
 set -uo pipefail
@@ -21,8 +24,13 @@ python3 -m ssld_kernels | tee "$OUT/backends.txt"
 if [ "${SSLD_SKIP_TESTS:-0}" != "1" ]; then
   python3 -m pytest -q -m cuda tests "$@" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 fi
-if [ "${SSLD_SKIP_BENCH:-0}" != "1" ]; then
+if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_DIVERGENCE:-0}" != "1" ]; then
   python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot ${SSLD_BENCH_ARGS:-} \
     --providers "${SSLD_BENCH_PROVIDERS:-ssld-cuda,ssld-triton,eager,compile,liger}" 2>&1 \
     | tee "$OUT/bench.log" | tail -60
+fi
+if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_MATCH:-0}" != "1" ]; then
+  # defaults on a GPU: knn 100000x100000 and 1000000x1000000 (k=2), 4096 pairs of 512x512
+  python3 bench/bench_match.py --out "$OUT/match.json" --plot ${SSLD_MATCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_match.log" | tail -80
 fi

@@ -1,6 +1,7 @@
 """Turn bench/results/*.json into markdown tables (used for bench/README.md).
 
 python bench/summarize.py bench/results/divergence-*.json
+python bench/summarize.py bench/results/match-*.json --plot   # + PNG of TOPS per provider
 """
 
 import json
@@ -8,8 +9,86 @@ import sys
 from collections import defaultdict
 
 
+def match_table(path, data):
+    """Match results: per case, providers x shapes; older files (no mode/TOPS) work too."""
+    env = data["env"]
+    rows = [dict(r, mode=r.get("mode", "knn")) for r in data["results"]]
+    peak = env.get("int8_peak_tops")
+    print(f"### {env['device']} ({path.split('/')[-1]})\n")
+    print(
+        f"torch {env['torch']}, triton {env.get('triton')}, git {env['git_sha']}"
+        + (f", dense int8 peak {peak:g} TOPS" if peak else "")
+        + (f", {env['threads']} threads" if "threads" in env else "")
+        + "\n"
+    )
+    for mode in ("knn", "pairs"):
+        rs = [r for r in rows if r["mode"] == mode]
+        if not rs:
+            continue
+        shapes = []
+        for r in rs:
+            if r["shape"] not in shapes:
+                shapes.append(r["shape"])
+        what = f"k-NN, k={rs[0].get('k', 2)}" if mode == "knn" else "pairs, ratio test"
+        print(
+            f"**{what}** (median ms; TOPS = 2 nq ndb D / s"
+            + (", % of int8 peak" if peak else "")
+            + "; x = time / best ssld backend's; est. = not run, extrapolated)\n"
+        )
+        print("| provider | " + " | ".join("x".join(map(str, s[:-1])) for s in shapes) + " |")
+        print("|---|" + "---|" * len(shapes))
+        for p in sorted({r["provider"] for r in rs}):
+            cells = []
+            for sh in shapes:
+                r = next((r for r in rs if r["provider"] == p and r["shape"] == sh), None)
+                cells.append(_match_cell(r, peak, rs, sh))
+            print(f"| {p} | " + " | ".join(cells) + " |")
+        print()
+    for t in data.get("targets", []):
+        v = "n/a" if t["value"] is None else f"{t['value']:.2f}"
+        verdict = {True: "pass", False: "FAIL", None: "-"}[t["pass"]]
+        est = " (estimate)" if t["estimated"] else ""
+        shape = "x".join(map(str, t["shape"][:-1]))
+        print(f"- {t['mode']} {shape}: {t['target']}: {v} {verdict}{est}")
+    if data.get("targets"):
+        print()
+
+
+def _match_cell(r, peak, rs, shape):
+    if r is None:
+        return ""
+    if "error" in r:
+        return "error"
+    ms = r.get("median_ms", r.get("est_median_ms"))
+    if ms is None:
+        return ""
+    x = r.get("time_vs_ssld_best")
+    if x is None:  # older files: relative to the fastest ssld row of the shape
+        best = [
+            o["median_ms"]
+            for o in rs
+            if o["shape"] == shape and o["provider"].startswith("ssld-") and "median_ms" in o
+        ]
+        x = ms / min(best) if best else None
+    evals = r.get("dist_evals") or r["shape"][0] * r["shape"][1]  # older files: knn only
+    tops = 2 * evals * r["shape"][-1] / (ms * 1e-3) / 1e12
+    cell = f"{ms:.4g} ms, {tops:.3g} TOPS"
+    if peak:
+        cell += f" ({100 * tops / peak:.0f}%)"
+    if x is not None:
+        cell += f", {x:.2f}x"
+    if "skipped" in r:
+        cell = f"est. {cell}"
+    elif r.get("exact") is False and not r.get("provider", "").startswith("ssld-"):
+        cell += " (inexact)"
+    return cell
+
+
 def table(path):
     data = json.loads(open(path).read())
+    if data.get("benchmark") == "match":
+        match_table(path, data)
+        return
     env = data["env"]
     rows = [r for r in data["results"] if "median_ms" in r]
     peak = env.get("peak_copy_gbps")
@@ -60,6 +139,12 @@ if __name__ == "__main__":
             from pathlib import Path
 
             sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from bench_divergence import _plot
+            data = json.loads(open(path).read())
+            if data.get("benchmark") == "match":
+                from bench_match import _plot as match_plot
 
-            _plot(json.loads(open(path).read())["results"], Path(path).with_suffix(".png"))
+                match_plot(data["results"], Path(path).with_suffix(".png"), data["env"])
+            else:
+                from bench_divergence import _plot
+
+                _plot(data["results"], Path(path).with_suffix(".png"))
