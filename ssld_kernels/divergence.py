@@ -12,7 +12,6 @@ dtypes. The backward reuses ``stats``, so it is one pass over the logits.
 
 import math
 from numbers import Real
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +103,7 @@ def _launchers(backend: str):
     return _ext_forward, _ext_backward
 
 
-def _mask_u8(mask: Optional[Tensor]) -> Optional[Tensor]:
+def _mask_u8(mask: Tensor | None) -> Tensor | None:
     return None if mask is None else mask.view(torch.uint8)
 
 
@@ -121,8 +120,8 @@ def _empty_grad(x: Tensor) -> Tensor:
 def _divergence_fwd(
     s: Tensor,
     t: Tensor,
-    weight: Optional[Tensor],
-    mask: Optional[Tensor],
+    weight: Tensor | None,
+    mask: Tensor | None,
     mode: int,
     beta: float,
     coef_a: float,
@@ -149,8 +148,8 @@ def _(s, t, weight, mask, mode, beta, coef_a, coef_b, inv_temp, backend):
 def _divergence_bwd(
     s: Tensor,
     t: Tensor,
-    weight: Optional[Tensor],
-    mask: Optional[Tensor],
+    weight: Tensor | None,
+    mask: Tensor | None,
     stats: Tensor,
     grad_rows: Tensor,
     mode: int,
@@ -186,8 +185,8 @@ def _(
 def _divergence_fwd_grad(
     s: Tensor,
     t: Tensor,
-    weight: Optional[Tensor],
-    mask: Optional[Tensor],
+    weight: Tensor | None,
+    mask: Tensor | None,
     grad_rows: Tensor,
     mode: int,
     beta: float,
@@ -337,10 +336,10 @@ def softmax_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     reduction: str = "batchmean",
-    weight: Optional[Tensor] = None,
-    mask: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    mask: Tensor | None = None,
     teacher_grad: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Tensor:
     """Divergence between softmax(student/T) and softmax(teacher/T), times T^2, from logits.
 
@@ -379,10 +378,10 @@ def softmax_divergence_and_grad(
     beta: float = 0.5,
     temperature: float = 1.0,
     reduction: str = "batchmean",
-    weight: Optional[Tensor] = None,
-    mask: Optional[Tensor] = None,
+    weight: Tensor | None = None,
+    mask: Tensor | None = None,
     teacher_grad: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ):
     """Loss and d(loss)/d(student_logits) from one fused pass (no autograd graph).
 

@@ -12,8 +12,6 @@ in float32), ascending, ties to the lower database index, indices local to the g
 database; ``+inf`` / ``-1`` where a group has fewer than k database rows.
 """
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -105,7 +103,7 @@ def _(q, db, q_off, db_off, k, backend):
     return q.new_empty((nq, k), dtype=torch.float32), q.new_empty((nq, k), dtype=torch.int64)
 
 
-def _check_descriptors(name: str, x, dim: Optional[int] = None) -> Tensor:
+def _check_descriptors(name: str, x, dim: int | None = None) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -128,7 +126,7 @@ def _common_dtype(*xs: Tensor) -> torch.dtype:
 
 
 def match_knn(
-    queries: Tensor, database: Tensor, k: int = 2, *, backend: Optional[str] = None
+    queries: Tensor, database: Tensor, k: int = 2, *, backend: str | None = None
 ) -> tuple[Tensor, Tensor]:
     """Exact k nearest neighbours of each query row in ``database`` by squared L2 distance.
 
@@ -158,7 +156,7 @@ def match_knn(
     return _match_knn_ragged(queries, database, offs, doffs, k, name)
 
 
-def _pack(name: str, xs, dim: Optional[int]):
+def _pack(name: str, xs, dim: int | None):
     if not isinstance(xs, (list, tuple)):
         raise TypeError(f"{name} must be a list of (n_i, D) tensors, got {type(xs).__name__}")
     checked = []
@@ -170,7 +168,7 @@ def _pack(name: str, xs, dim: Optional[int]):
 
 
 def match_pairs(
-    a_list, b_list, *, ratio: float = 0.8, mutual: bool = False, backend: Optional[str] = None
+    a_list, b_list, *, ratio: float = 0.8, mutual: bool = False, backend: str | None = None
 ) -> list[tuple[Tensor, Tensor]]:
     """Match many image pairs (a_list[i] vs b_list[i]) in one call with Lowe's ratio test.
 

@@ -95,6 +95,47 @@ def test_ties_go_to_lower_index(backend, device):
     assert torch.all(~same | (idx[:, 1:] > idx[:, :-1]))
 
 
+@pytest.fixture(scope="module")
+def photo_sift():
+    """Real SIFT descriptors: astronaut vs a rotated, rescaled copy (many true matches) and
+    vs coffee (none)."""
+    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("skimage")
+    from ssld.dedup.extract import ExtractConfig, describe
+    from ssld.photos import load_photo, transform
+
+    cfg = ExtractConfig(max_side=400, max_keypoints=300)
+    img = load_photo("astronaut")
+    rot, _ = transform(img, "rotate")
+    rot = cv2.resize(rot, (300, 300), interpolation=cv2.INTER_AREA)
+    _, a = describe(img, cfg)
+    _, b = describe(rot, cfg)
+    _, c = describe(load_photo("coffee"), cfg)
+    return torch.from_numpy(a), torch.from_numpy(np.concatenate([b, c]))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_real_sift_equals_opencv_bfmatcher(backend, device, photo_sift):
+    cv2 = pytest.importorskip("cv2")
+    q, db = photo_sift
+    dist, idx = (t.cpu() for t in sk.match_knn(q.to(device), db.to(device), 2, backend=backend))
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(
+        q.numpy().astype(np.float32), db.numpy().astype(np.float32), k=2
+    )
+    cv_d = torch.tensor([[m.distance for m in ms] for ms in knn], dtype=torch.float64)
+    cv_i = torch.tensor([[m.trainIdx for m in ms] for ms in knn])
+    # same distances (ours exact integers, OpenCV's float32 sqrt), same neighbours
+    torch.testing.assert_close(dist.double().sqrt(), cv_d, rtol=1e-6, atol=1e-3)
+    tie = dist[:, 0] == dist[:, 1]
+    assert torch.all((idx == cv_i).all(1) | tie)
+    ref_d, ref_i = _brute(q, db, 2)
+    assert torch.equal(dist, ref_d) and torch.equal(idx, ref_i)
+    # and the ratio test keeps the same matches as OpenCV's usual recipe
+    ((pairs, _),) = sk.match_pairs([q.to(device)], [db.to(device)], ratio=0.8, backend=backend)
+    cv_pairs = {(m.queryIdx, m.trainIdx) for m, n in knn if m.distance < 0.8 * n.distance}
+    assert set(map(tuple, pairs.cpu().tolist())) == cv_pairs and len(cv_pairs) > 30
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_knn_equals_opencv_bfmatcher(backend, device):
     cv2 = pytest.importorskip("cv2")
