@@ -7,6 +7,7 @@ give one line naming the argument and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -405,6 +406,94 @@ def _cmd_select(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    for name, help_text in (
+        ("train", "distil the student from the teacher on T ∪ U (a YAML recipe)"),
+        ("finetune", "finetune the distilled student on T only"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(
+                f"{help_text}. Settings come from --config (see configs/) and key=value "
+                "overrides such as optim.lr=0.05 run.out=runs/x. Rerun with --resume to "
+                "continue an interrupted run at its last checkpoint; torchrun for many GPUs."
+            ),
+        )
+        p.add_argument("--config", type=_existing_file, help="YAML recipe")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+        p.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
+        p.add_argument(
+            "--init",
+            type=_existing_file,
+            help="student weights to start from (finetune: default OUT/student.pt of training)",
+        )
+        p.set_defaults(func=_cmd_train, mode=name)
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation folder")
+    p.add_argument("--config", type=_existing_file, help="YAML recipe (model and data)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", required=True, type=_existing_file)
+    p.add_argument("--val", type=_existing_dir, help="folder with class subfolders")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _load_train_config(args, extra=()):
+    from ssld.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, list(args.overrides) + list(extra))
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+
+
+def _cmd_train(args) -> int:
+    from ssld.config import ConfigError, finetune_config
+    from ssld.train import Trainer
+
+    cfg = _load_train_config(args)
+    init = args.init
+    try:
+        if args.mode == "finetune":
+            if init is None:
+                default = os.path.join(cfg.run.out, "student.pt")
+                if not os.path.isfile(default):
+                    raise UsageError(
+                        f"argument --init: no student weights given and {default} does not exist"
+                    )
+                init = default
+            cfg = finetune_config(cfg)
+        trainer = Trainer(cfg, mode=args.mode, init=init, resume=args.resume)
+        result = trainer.fit()
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from ssld.config import ConfigError
+    from ssld.train import Trainer
+
+    extra = [f"data.val={args.val}"] if args.val else []
+    if not any(o.startswith(("data.train=", "data.unlabeled=")) for o in args.overrides):
+        import yaml
+
+        recipe = yaml.safe_load(open(args.config)) if args.config else {}
+        data = (recipe or {}).get("data") or {}
+        if not data.get("train") and not data.get("unlabeled"):
+            extra.append("data.synthetic=true")  # evaluation needs no training data
+    cfg = _load_train_config(args, extra)
+    if cfg.data.val is None:
+        raise UsageError("argument --val: no validation folder (give --val or data.val)")
+    try:
+        trainer = Trainer(cfg, mode="train", init=args.checkpoint)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    res = trainer.evaluate(trainer.student_raw)
+    print(json.dumps(res))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ssld",
@@ -419,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_cmd_info)
     _add_dedup(sub)
     _add_select(sub)
+    _add_train(sub)
     return parser
 
 

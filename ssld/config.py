@@ -1,0 +1,338 @@
+"""Training configuration: frozen dataclasses, YAML recipes (configs/), ``key=value`` overrides.
+
+A recipe is YAML with the sections below; every key is checked (unknown keys, wrong types and
+impossible values are errors naming the key) before any work starts. Overrides use dotted
+keys: ``ssld train --config configs/demo_tiny.yaml optim.lr=0.05 run.out=runs/x``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "ssld.models:tiny_resnet"  # timm name, module:callable, .pt2/TorchScript file
+    weights: str | None = None  # local file (torch.load(weights_only=True))
+    num_classes: int | None = None  # passed to the builder when set
+    kwargs: dict = field(default_factory=dict)  # more builder arguments
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    bn_train: bool = False  # BatchNorm in train mode (PaddleClas's setting); else eval mode
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str | None = None  # T: folder with one subfolder per class
+    unlabeled: str | None = None  # U: `ssld select` CSV, text list or folder (labels unused)
+    unlabeled_root: str | None = None  # folder the U paths are relative to (default: its dir)
+    val: str | None = None  # folder with class subfolders (same class order as T)
+    input_size: int = 224
+    min_scale: float = 0.08  # RandomResizedCrop scale range (min_scale, 1)
+    hflip: bool = True
+    autoaugment: bool = False  # kornia AutoAugment on the GPU (large students)
+    eval_crop_pct: float = 0.875  # eval: resize to input_size / crop_pct, centre crop
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    workers: int = 8
+    synthetic: bool = False  # random uint8 batches already on the device: throughput only
+    synthetic_size: int = 1281167
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: str = "jsd"  # jsd | sym_kl | kl (ssld_kernels.softmax_divergence)
+    beta: float = 0.5
+    temperature: float = 1.0
+    ce_weight: float = 0.0  # hard-label cross entropy on T images (0: the paper, no labels)
+    fused: bool = True  # loss and gradient from one kernel (softmax_divergence_and_grad)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float | None = None  # None: base_lr * batch_size / 256
+    base_lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 4e-5  # the paper: 4e-5 large students, 1e-5 small
+    no_decay_bn_bias: bool = True
+    epochs: int = 360
+    warmup_epochs: float = 5.0
+    min_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out: str = "runs/ssld"
+    batch_size: int = 256  # global, over all processes and accumulation steps
+    grad_accum: int = 1
+    amp: str = "bf16"  # bf16 | fp16 (with GradScaler) | none
+    channels_last: bool = True
+    compile: bool = False  # torch.compile student and teacher
+    ema: float = 0.0  # EMA decay of the student weights (0: off)
+    sync_bn: bool = False
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = 50  # steps between reading the device-side meters
+    ckpt_every: int = 1000  # steps between checkpoints (also at every epoch end)
+    eval_every: int = 1  # epochs between evaluations (0: only at the end)
+    max_steps: int | None = None  # stop early (tests, benchmarks)
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """`ssld finetune`: continue the distilled student on T only (the paper: 30 epochs)."""
+
+    epochs: int = 30
+    base_lr: float = 0.01  # x batch_size / 256; not given by the paper: 10x below training
+    warmup_epochs: float = 0.0
+    out: str | None = None  # default: run.out + "-finetune"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+_CHOICES = {
+    ("loss", "kind"): ("jsd", "sym_kl", "kl"),
+    ("run", "amp"): ("bf16", "fp16", "none"),
+}
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value, tp, key: str):
+    """``value`` checked (and mildly converted: int -> float, list -> tuple) against ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if tp is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(data):
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Value checks that need more than a type; raises ConfigError naming the key."""
+    for (section, name), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{section}.{name} must be one of {choices}, got {value!r}")
+    positive = [
+        ("data.input_size", cfg.data.input_size),
+        ("run.batch_size", cfg.run.batch_size),
+        ("run.grad_accum", cfg.run.grad_accum),
+        ("run.log_every", cfg.run.log_every),
+        ("run.ckpt_every", cfg.run.ckpt_every),
+        ("optim.epochs", cfg.optim.epochs),
+        ("data.synthetic_size", cfg.data.synthetic_size),
+        ("finetune.epochs", cfg.finetune.epochs),
+    ]
+    for key, value in positive:
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    nonneg = [
+        ("data.workers", cfg.data.workers),
+        ("optim.base_lr", cfg.optim.base_lr),
+        ("optim.weight_decay", cfg.optim.weight_decay),
+        ("optim.warmup_epochs", cfg.optim.warmup_epochs),
+        ("optim.min_lr", cfg.optim.min_lr),
+        ("loss.ce_weight", cfg.loss.ce_weight),
+        ("run.eval_every", cfg.run.eval_every),
+    ]
+    for key, value in nonneg:
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.optim.lr is not None and cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    if not 0.0 <= cfg.loss.beta <= 1.0:
+        raise ConfigError(f"loss.beta must be in [0, 1], got {cfg.loss.beta}")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature must be > 0, got {cfg.loss.temperature}")
+    if not 0.0 <= cfg.run.ema < 1.0:
+        raise ConfigError(f"run.ema must be in [0, 1), got {cfg.run.ema}")
+    if not 0.0 < cfg.data.min_scale <= 1.0:
+        raise ConfigError(f"data.min_scale must be in (0, 1], got {cfg.data.min_scale}")
+    if not 0.0 < cfg.data.eval_crop_pct <= 1.0:
+        raise ConfigError(f"data.eval_crop_pct must be in (0, 1], got {cfg.data.eval_crop_pct}")
+    for key in ("mean", "std"):
+        v = getattr(cfg.data, key)
+        if len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+            raise ConfigError(f"data.{key} must be 3 numbers, got {v!r}")
+    if any(x <= 0 for x in cfg.data.std):
+        raise ConfigError(f"data.std must be > 0, got {cfg.data.std}")
+    if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
+        raise ConfigError(f"run.max_steps must be >= 1, got {cfg.run.max_steps}")
+    if not cfg.data.synthetic:
+        if cfg.data.train is None and cfg.data.unlabeled is None:
+            raise ConfigError("data.train or data.unlabeled must be set (or data.synthetic)")
+        for key in ("train", "val", "unlabeled", "unlabeled_root"):
+            path = getattr(cfg.data, key)
+            if path is not None and not Path(path).exists():
+                raise ConfigError(f"data.{key}: path not found: {path}")
+        for key in ("train", "val"):
+            path = getattr(cfg.data, key)
+            if path is not None and not Path(path).is_dir():
+                raise ConfigError(f"data.{key} must be a folder with class subfolders: {path}")
+    for key in ("student", "teacher"):
+        w = getattr(cfg, key).weights
+        if w is not None and not Path(w).is_file():
+            raise ConfigError(f"{key}.weights: file not found: {w}")
+    return cfg
+
+
+def finetune_config(cfg: TrainConfig) -> TrainConfig:
+    """The configuration of the finetuning stage derived from a training recipe."""
+    f = cfg.finetune
+    if cfg.data.train is None and not cfg.data.synthetic:
+        raise ConfigError("finetuning needs data.train (the labeled set T)")
+    return replace(
+        cfg,
+        **{
+            "data.unlabeled": None,
+            "optim.epochs": f.epochs,
+            "optim.base_lr": f.base_lr,
+            "optim.lr": None,
+            "optim.warmup_epochs": f.warmup_epochs,
+            "run.out": f.out or cfg.run.out.rstrip("/") + "-finetune",
+        },
+    )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], value parsed as YAML: numbers, true/false, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key")
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(path: str | None = None, overrides=(), validate_paths: bool = True) -> TrainConfig:
+    """TrainConfig from a YAML recipe (or the defaults) plus ``key=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+        node[parts[-1]] = value
+    cfg = _build(TrainConfig, data, "")
+    return validate(cfg) if validate_paths else cfg
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace with dotted section keys: replace(cfg, **{"optim.lr": 0.01})."""
+    by_section: dict[str, dict] = {}
+    top = {}
+    for key, value in changes.items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            by_section.setdefault(section, {})[name] = value
+        else:
+            top[key] = value
+    for section, sub in by_section.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **sub)
+    return dataclasses.replace(cfg, **top)

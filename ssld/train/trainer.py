@@ -1,0 +1,585 @@
+"""The SSLD training loop: a student learns to match a frozen teacher's softmax.
+
+One :class:`Trainer` with explicit build steps (distributed, data, models, optimizer,
+schedule) and a small step:
+
+  uint8 batch -> device (pinned, non-blocking) -> normalise (+ AutoAugment) on the device
+  teacher forward (inference mode, bf16 autocast)      -> teacher logits
+  student forward (autocast)                           -> student logits
+  fused JSD: loss and d(loss)/d(student logits) from one kernel
+  (ssld_kernels.softmax_divergence_and_grad) -> student_logits.backward(grad)
+  SGD (fused/foreach), cosine schedule with linear warm-up, optional EMA
+
+No host synchronisation inside the step: losses and teacher/student agreement are summed on
+the device and read every ``run.log_every`` steps, phase times come from CUDA events read at
+the same moments. Checkpoints every ``run.ckpt_every`` steps and at each epoch end,
+atomically; ``resume=True`` continues from the exact step (same batches, same augmentation,
+same RNG).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ssld_kernels as sk
+from ssld import config as C
+from ssld.data import EvalTransform, ImageList, Normalize, worker_init
+from ssld.data.train import ResumableSampler, TrainSet, TrainTransform, class_folder, unlabeled_list
+from ssld.teacher import TeacherError, load_model
+from ssld.train import checkpoint as ckpt
+from ssld.train.metrics import PHASES, Meters, RunLog, StepTimer
+
+# config keys that may differ between a run and its resumption
+RESUMABLE_CHANGES = {("run", "max_steps"), ("run", "progress"), ("run", "log_every")}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bn_bias: bool):
+    """SGD parameter groups: no weight decay on biases and normalisation weights (1-D
+    parameters) when ``no_decay_bn_bias``."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if no_decay_bn_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up from 1/warmup to 1 over ``warmup`` steps, then cosine to min_ratio."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+class Trainer:
+    """Distillation (``mode="train"``, T ∪ U) or finetuning (``mode="finetune"``, T only).
+
+    Args:
+        cfg: the TrainConfig.
+        init: optional checkpoint or state dict for the student's initial weights.
+        resume: continue OUT/last.pt if it exists.
+    """
+
+    def __init__(self, cfg: C.TrainConfig, *, mode="train", init=None, resume=False, log=print):
+        self.cfg, self.mode, self.init, self.resume = cfg, mode, init, resume
+        self.log = log or (lambda *a: None)
+        self.out = Path(cfg.run.out)
+        self.build_distributed()
+        self.build_data()
+        self.build_models()
+        self.build_optimizer()
+        self.build_schedule()
+        self.runlog = RunLog(self.out, enabled=self.rank == 0)
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        if resume and (self.out / "last.pt").exists():
+            self.load_checkpoint(self.out / "last.pt")
+        self.runlog.config({"mode": mode, "world": self.world, **cfg.to_dict()})
+
+    # ---- build steps ----
+
+    def build_distributed(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        want = self.cfg.run.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want.startswith("cuda") and not torch.cuda.is_available():
+            raise C.ConfigError(f"run.device={want} but no CUDA device is visible")
+        self.device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        B, accum = self.cfg.run.batch_size, self.cfg.run.grad_accum
+        if B % (self.world * accum):
+            raise C.ConfigError(
+                f"run.batch_size={B} is not divisible by {self.world} processes x "
+                f"run.grad_accum={accum}"
+            )
+        self.micro_batch = B // (self.world * accum)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend, init_method="env://")
+        if self.cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        torch.manual_seed(self.cfg.run.seed + self.rank)
+
+    def build_data(self) -> None:
+        d, run = self.cfg.data, self.cfg.run
+        self.classes = None
+        self.normalize = Normalize(d.mean, d.std).to(self.device)
+        self.autoaugment = None
+        if d.autoaugment:
+            try:
+                from kornia.augmentation.auto import AutoAugment
+            except ImportError:
+                raise C.ConfigError("data.autoaugment needs kornia (pip install kornia)") from None
+            self.autoaugment = AutoAugment(policy="imagenet").to(self.device)
+        if d.synthetic:
+            self.sampler = ResumableSampler(d.synthetic_size, run.batch_size, self.world, self.rank)
+            self.loader = None
+        else:
+            sources = []
+            if d.train is not None:
+                self.classes, items = class_folder(d.train)
+                sources.append((Path(d.train), [p for p, _ in items], [y for _, y in items]))
+            if d.unlabeled is not None and self.mode == "train":
+                root, paths = unlabeled_list(d.unlabeled, d.unlabeled_root)
+                sources.append((root, paths, [-1] * len(paths)))
+            if not sources:
+                raise C.ConfigError("finetuning needs data.train (the labeled set T)")
+            tf = TrainTransform(d.input_size, d.min_scale, d.hflip, run.seed)
+            self.trainset = TrainSet(sources, tf)
+            self.sampler = ResumableSampler(
+                len(self.trainset), run.batch_size, self.world, self.rank, run.seed
+            )
+            self.loader = torch.utils.data.DataLoader(
+                self.trainset,
+                batch_size=self.micro_batch,
+                sampler=self.sampler,
+                num_workers=d.workers,
+                pin_memory=self.device.type == "cuda",
+                drop_last=True,
+                persistent_workers=d.workers > 0,
+                prefetch_factor=4 if d.workers else None,
+                worker_init_fn=worker_init if d.workers else None,
+            )
+        self.steps_per_epoch = self.sampler.batches_per_epoch
+        self.total_steps = self.cfg.optim.epochs * self.steps_per_epoch
+        self.val = None
+        if d.val is not None:
+            val_classes, items = class_folder(d.val)
+            if self.classes is not None and val_classes != self.classes:
+                raise C.ConfigError(
+                    f"data.val classes differ from data.train classes "
+                    f"({len(val_classes)} vs {len(self.classes)}, e.g. {val_classes[:3]})"
+                )
+            self.val = (Path(d.val), [p for p, _ in items], torch.tensor([y for _, y in items]))
+            self.val_classes = val_classes
+
+    def _build_model(self, mc: C.ModelConfig, name: str) -> nn.Module:
+        kwargs = dict(mc.kwargs)
+        if mc.num_classes is not None:
+            kwargs["num_classes"] = mc.num_classes
+        try:
+            return load_model(mc.name, mc.weights, **kwargs)
+        except TeacherError as e:
+            raise C.ConfigError(f"{name}: {e}") from None
+
+    def build_models(self) -> None:
+        cfg = self.cfg
+        student = self._build_model(cfg.student, "student")
+        teacher = self._build_model(cfg.teacher, "teacher")
+        if self.init is not None:
+            student.load_state_dict(ckpt.student_state(self.init))
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        student, teacher = student.to(self.device), teacher.to(self.device)
+        if cfg.run.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self._check_classes(student, teacher)
+        teacher.eval()
+        if cfg.teacher.bn_train:  # PaddleClas: teacher BatchNorm uses batch statistics
+            for m in teacher.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+        if cfg.run.sync_bn and self.world > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        self.ema = None
+        if cfg.run.ema > 0:
+            self.ema = copy.deepcopy(student).eval()
+            for p in self.ema.parameters():
+                p.requires_grad_(False)
+        self.student_raw = student
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+        if cfg.run.compile:
+            student = torch.compile(student)
+            teacher = torch.compile(teacher)
+        self.student, self.teacher = student, teacher
+        amp = cfg.run.amp if self.device.type == "cuda" else "none"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+
+    def _check_classes(self, student, teacher) -> None:
+        s = self.cfg.data.input_size
+        x = torch.zeros(2, 3, s, s, device=self.device)
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            ys, yt = student(x), teacher(x)
+        student.train(was)
+        for name, y in (("student", ys), ("teacher", yt)):
+            if not isinstance(y, torch.Tensor) or y.dim() != 2:
+                raise C.ConfigError(f"{name} must return (N, classes) logits, got {type(y)}")
+        if ys.shape[1] != yt.shape[1]:
+            raise C.ConfigError(
+                f"student has {ys.shape[1]} classes but teacher has {yt.shape[1]} "
+                "(set student.num_classes)"
+            )
+        self.num_classes = ys.shape[1]
+        need_labels = self.cfg.loss.ce_weight > 0 or self.cfg.data.val is not None
+        if self.classes is not None and need_labels and len(self.classes) != ys.shape[1]:
+            raise C.ConfigError(
+                f"data.train has {len(self.classes)} classes but the models have {ys.shape[1]}"
+            )
+
+    def build_optimizer(self) -> None:
+        o = self.cfg.optim
+        self.peak_lr = o.lr if o.lr is not None else o.base_lr * self.cfg.run.batch_size / 256
+        groups = param_groups(self.student_raw, o.weight_decay, o.no_decay_bn_bias)
+        kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        self.optimizer = torch.optim.SGD(
+            groups, lr=self.peak_lr, momentum=o.momentum, nesterov=o.nesterov, **kw
+        )
+
+    def build_schedule(self) -> None:
+        o = self.cfg.optim
+        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        min_ratio = o.min_lr / self.peak_lr if self.peak_lr else 0.0
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, min_ratio)
+        )
+
+    # ---- checkpoints ----
+
+    def state(self) -> dict:
+        return {
+            "model": _unwrap(self.student).state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rng": ckpt.rng_state(self.device),
+            "config": self.cfg.to_dict(),
+            "mode": self.mode,
+        }
+
+    def save_checkpoint(self, name: str = "last.pt") -> None:
+        if self.rank == 0:
+            ckpt.save(self.out / name, self.state())
+
+    def load_checkpoint(self, path) -> None:
+        st = ckpt.load(path)
+        old, new = st["config"], self.cfg.to_dict()
+        diff = [
+            f"{sec}.{k}"
+            for sec in new
+            for k in new[sec]
+            if old.get(sec, {}).get(k) != new[sec][k] and (sec, k) not in RESUMABLE_CHANGES
+        ]
+        if diff or st.get("mode") != self.mode:
+            raise C.ConfigError(
+                f"{path} was written with another configuration ({', '.join(diff[:4]) or 'mode'})"
+                "; use a new run.out or the same settings"
+            )
+        _unwrap(self.student).load_state_dict(st["model"])
+        if self.ema is not None and st["ema"] is not None:
+            self.ema.load_state_dict(st["ema"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.step, self.epoch = int(st["step"]), int(st["epoch"])
+        self.batch_in_epoch = int(st["batch_in_epoch"])
+        ckpt.set_rng_state(st["rng"], self.device)
+        self.log(f"resumed {path} at step {self.step} (epoch {self.epoch})")
+
+    # ---- the step ----
+
+    def _batches(self):
+        """(uint8 images, labels, ok) micro-batches of this rank from the current position."""
+        if self.loader is None:  # synthetic: one random batch reused, already on the device
+            s = self.cfg.data.input_size
+            gen = torch.Generator().manual_seed(self.cfg.run.seed)
+            imgs = torch.randint(
+                0, 256, (self.micro_batch, 3, s, s), dtype=torch.uint8, generator=gen
+            )
+            imgs = imgs.to(self.device)
+            labels = torch.full((self.micro_batch,), -1, dtype=torch.int64, device=self.device)
+            ok = torch.ones(self.micro_batch, dtype=torch.bool, device=self.device)
+            n = (self.steps_per_epoch - self.batch_in_epoch) * self.cfg.run.grad_accum
+            for _ in range(n):
+                yield imgs, labels, ok
+            return
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        yield from self.loader
+
+    def _inputs(self, imgs):
+        x = imgs.to(self.device, non_blocking=True)
+        if self.autoaugment is not None:
+            x = self.autoaugment(x.float() / 255.0)
+            x = (x * 255.0).clamp(0, 255)
+        return self.normalize(x)
+
+    def _micro_step(self, imgs, labels, ok, meters, timer, last: bool):
+        cfg = self.cfg
+        amp = torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+        x = self._inputs(imgs)
+        labels = labels.to(self.device, non_blocking=True)
+        ok = ok.to(self.device, non_blocking=True)
+        teacher_ctx = torch.no_grad() if cfg.teacher.bn_train else torch.inference_mode()
+        with teacher_ctx, amp:
+            t_logits = self.teacher(x)
+        timer.mark("teacher")
+        sync = (
+            self.student.no_sync()
+            if self.world > 1 and not last and hasattr(self.student, "no_sync")
+            else _null()
+        )
+        with sync:
+            with amp:
+                s_logits = self.student(x)
+            timer.mark("student")  # forward; the backward is added below
+            accum = cfg.run.grad_accum
+            L = cfg.loss
+            ce = None
+            if L.ce_weight > 0:
+                has = labels >= 0
+                ce = F.cross_entropy(s_logits.float(), labels.clamp(min=0), reduction="none")
+                ce = (ce * (has & ok)).sum() / (has & ok).sum().clamp(min=1)
+            if L.fused:
+                t = t_logits if not t_logits.is_inference() else t_logits.clone()
+                loss, grad = sk.softmax_divergence_and_grad(
+                    s_logits.detach(), t, kind=L.kind, beta=L.beta, temperature=L.temperature,
+                    mask=ok, reduction="batchmean",
+                )  # fmt: skip
+                surrogate = (s_logits * grad.to(s_logits.dtype)).sum() / accum
+                if ce is not None:
+                    surrogate = surrogate + L.ce_weight * ce / accum
+                timer.mark("loss")
+                self.scaler.scale(surrogate).backward()
+            else:
+                t = t_logits.clone() if t_logits.is_inference() else t_logits
+                loss = sk.softmax_divergence(
+                    s_logits, t, kind=L.kind, beta=L.beta, temperature=L.temperature,
+                    mask=ok, reduction="batchmean",
+                )  # fmt: skip
+                total = loss / accum + (L.ce_weight * ce / accum if ce is not None else 0)
+                timer.mark("loss")
+                self.scaler.scale(total).backward()
+        timer.mark("student")
+        meters.add("loss", loss)
+        if ce is not None:
+            meters.add("ce", ce)
+        agree = (s_logits.detach().argmax(1) == t_logits.argmax(1)) & ok
+        meters.add("agree", agree.sum())
+        meters.add("images", ok.sum())
+
+    def _optimizer_step(self, timer) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            d = self.cfg.run.ema
+            ema_p = list(self.ema.parameters())
+            src_p = list(self.student_raw.parameters())
+            torch._foreach_lerp_(ema_p, [p.detach() for p in src_p], 1.0 - d)
+            for b_ema, b in zip(self.ema.buffers(), self.student_raw.buffers()):
+                b_ema.copy_(b)
+        timer.mark("optimizer")
+
+    # ---- the loop ----
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        max_steps = cfg.run.max_steps
+        if self.rank == 0:
+            self.log(
+                f"{self.mode}: {self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, "
+                f"global batch {cfg.run.batch_size} ({self.world} x {self.micro_batch} x "
+                f"{cfg.run.grad_accum}), peak lr {self.peak_lr:g}, device {self.device}"
+            )
+        if self.val is not None and self.step == 0:  # same decision on every rank
+            self._teacher_eval_once()
+        meters, timer = Meters(self.device), StepTimer(self.device)
+        bar = self._progress()
+        t_log = time.perf_counter()
+        images_since = 0
+        stopped = False
+        try:
+            while self.epoch < cfg.optim.epochs and not stopped:
+                self.student.train()
+                accum_i = 0
+                t_data = time.perf_counter()
+                for imgs, labels, ok in self._batches():
+                    timer.data(time.perf_counter() - t_data)
+                    if accum_i == 0:
+                        timer.start()
+                    accum_i += 1
+                    last = accum_i == cfg.run.grad_accum
+                    self._micro_step(imgs, labels, ok, meters, timer, last)
+                    images_since += len(imgs) * self.world
+                    if last:
+                        accum_i = 0
+                        self._optimizer_step(timer)
+                        self.step += 1
+                        self.batch_in_epoch += 1
+                        if bar is not None:
+                            bar.update(1)
+                        if self.step % cfg.run.log_every == 0:
+                            t_log, images_since = self._log_train(
+                                meters, timer, t_log, images_since, bar
+                            )
+                        if self.step % cfg.run.ckpt_every == 0:
+                            self.save_checkpoint()
+                        if max_steps is not None and self.step >= max_steps:
+                            stopped = True
+                            break
+                    t_data = time.perf_counter()
+                if stopped:
+                    break
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self.save_checkpoint()
+                every = cfg.run.eval_every
+                if self.val is not None and every and self.epoch % every == 0:
+                    self.evaluate_and_log()
+        finally:
+            if bar is not None:
+                bar.close()
+        if meters.sums:
+            self._log_train(meters, timer, t_log, images_since, None)
+        self.save_checkpoint()
+        result = {"step": self.step, "epoch": self.epoch, "finished": not stopped}
+        if not stopped:
+            if self.val is not None and not (
+                cfg.run.eval_every and self.epoch % cfg.run.eval_every == 0
+            ):
+                self.evaluate_and_log()
+            if self.rank == 0:
+                weights = self.ema if self.ema is not None else _unwrap(self.student)
+                ckpt.save(self.out / "student.pt", weights.state_dict())
+                result["weights"] = str(self.out / "student.pt")
+        if self.rank == 0:
+            result["curves"] = str(self.runlog.plot() or "")
+        self.runlog.close()
+        return result
+
+    def _log_train(self, meters, timer, t_log, images_since, bar):
+        m = meters.read()  # the only synchronisation: once per log interval
+        phases = timer.read()
+        now = time.perf_counter()
+        n = max(m.get("images", 0.0), 1.0)
+        steps = self.cfg.run.log_every
+        rec = {
+            "kind": "train",
+            "step": self.step,
+            "epoch": self.epoch + self.batch_in_epoch / max(1, self.steps_per_epoch),
+            "loss": m.get("loss", 0.0) / (steps * self.cfg.run.grad_accum),
+            "agree": 100.0 * m.get("agree", 0.0) / n,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": images_since / max(now - t_log, 1e-9),
+            **{f"t_{p}": phases[p] for p in PHASES},
+        }
+        if "ce" in m:
+            rec["ce"] = m["ce"] / (steps * self.cfg.run.grad_accum)
+        if self.rank == 0:
+            self.runlog.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+        return now, 0
+
+    def _progress(self):
+        if not self.cfg.run.progress or self.rank != 0:
+            return None
+        from tqdm import tqdm
+
+        total = self.cfg.optim.epochs * self.steps_per_epoch
+        if self.cfg.run.max_steps is not None:
+            total = min(total, self.cfg.run.max_steps)
+        return tqdm(total=total, initial=self.step, desc=self.mode, unit="step", mininterval=1.0)
+
+    # ---- evaluation ----
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, batch_size: int = 128) -> dict:
+        """Top-1 / top-5 (%) of ``model`` on data.val (this rank's share, all-reduced)."""
+        root, paths, labels = self.val
+        d = self.cfg.data
+        idx = list(range(self.rank, len(paths), self.world))
+        ds = ImageList(
+            [paths[i] for i in idx], root, EvalTransform(d.input_size, d.eval_crop_pct), idx
+        )
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, num_workers=min(d.workers, 8),
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=worker_init if d.workers else None,
+        )  # fmt: skip
+        was = model.training
+        model.eval()
+        counts = torch.zeros(3, device=self.device)
+        labels = labels.to(self.device)
+        amp = torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+        for imgs, ids, ok in loader:
+            with amp:
+                logits = model(self.normalize(imgs))
+            y = labels[ids.to(self.device)]
+            top5 = logits.float().topk(min(5, logits.shape[1]), 1).indices
+            okd = ok.to(self.device)
+            counts[0] += ((top5[:, 0] == y) & okd).sum()
+            counts[1] += ((top5 == y[:, None]).any(1) & okd).sum()
+            counts[2] += okd.sum()
+        model.train(was)
+        if self.world > 1:
+            torch.distributed.all_reduce(counts)
+        c = counts.tolist()
+        n = max(c[2], 1.0)
+        return {"top1": 100 * c[0] / n, "top5": 100 * c[1] / n, "images": int(c[2])}
+
+    def evaluate_and_log(self) -> dict:
+        model = self.ema if self.ema is not None else _unwrap(self.student)
+        res = self.evaluate(model)
+        if self.rank == 0:
+            self.runlog.write({"kind": "eval", "step": self.step, "epoch": self.epoch, **res})
+            self.log(
+                f"epoch {self.epoch}: student top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}%"
+            )
+        return res
+
+    def _teacher_eval_once(self) -> None:
+        res = self.evaluate(_unwrap(self.teacher))  # every rank: evaluate() all-reduces
+        if self.rank == 0:
+            (self.out / "teacher_eval.json").write_text(json.dumps(res))
+            self.runlog.write({"kind": "teacher_eval", "step": 0, **res})
+            self.log(f"teacher: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}%")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

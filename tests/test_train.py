@@ -1,0 +1,242 @@
+"""The training loop on CPU with the built-in tiny CNNs and scikit-learn's digits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("cv2")
+pytest.importorskip("sklearn")
+
+from ssld.cli import main  # noqa: E402
+from ssld.config import ConfigError, finetune_config, load_config  # noqa: E402
+from ssld.data.digits import write_digits  # noqa: E402
+from ssld.data.train import ResumableSampler, TrainTransform  # noqa: E402
+from ssld.train import Trainer, lr_factor, param_groups  # noqa: E402
+from ssld.train import checkpoint as ckpt  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+def _overrides(digits, out, **extra):
+    o = {
+        "data.train": digits["train"],
+        "data.unlabeled": digits["unlabeled"],
+        "data.val": digits["val"],
+        "data.input_size": 32,
+        "data.workers": 0,
+        "data.hflip": False,
+        "student.num_classes": 10,
+        "student.kwargs": "{widths: [8, 16, 32], seed: 1}",
+        "teacher.num_classes": 10,
+        "teacher.kwargs": "{seed: 2}",
+        "run.batch_size": 32,
+        "run.log_every": 1,
+        "run.progress": False,
+        "run.out": out,
+        "optim.epochs": 2,
+        "optim.warmup_epochs": 0.2,
+        "optim.base_lr": 0.4,
+    }
+    o.update(extra)
+    return [f"{k}={v}" for k, v in o.items()]
+
+
+def _cfg(digits, out, **extra):
+    return load_config(None, _overrides(digits, out, **extra))
+
+
+def _losses(out):
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def test_loss_decreases_and_outputs(digits, tmp_path):
+    out = tmp_path / "run"
+    tr = Trainer(_cfg(digits, out, **{"run.max_steps": 30}), log=None)
+    res = tr.fit()
+    assert res["step"] == 30 and not res["finished"]
+    loss = _losses(out)
+    first = sum(loss[s] for s in range(1, 6)) / 5
+    last = sum(loss[s] for s in range(26, 31)) / 5
+    assert last < 0.7 * first, (first, last)
+    rec = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    train = [r for r in rec if r["kind"] == "train"]
+    assert all(r["t_teacher"] > 0 and r["t_student"] > 0 and r["img_per_s"] > 0 for r in train)
+    assert (out / "config.json").exists() and (out / "last.pt").exists()
+    assert json.loads((out / "teacher_eval.json").read_text())["images"] == 359
+    st = torch.load(out / "last.pt", weights_only=True)  # plain tensors and values only
+    assert st["step"] == 30
+
+
+def test_resume_reproduces_the_uninterrupted_run(digits, tmp_path):
+    """Stop after step 7 (mid-epoch), resume: steps 8..12 (crossing the epoch end at 22
+    steps/epoch is covered by the second resume) equal the uninterrupted run exactly."""
+    full = tmp_path / "full"
+    Trainer(_cfg(digits, full, **{"run.max_steps": 26, "run.ckpt_every": 1000}), log=None).fit()
+    part = tmp_path / "part"
+    Trainer(_cfg(digits, part, **{"run.max_steps": 7}), log=None).fit()
+    Trainer(_cfg(digits, part, **{"run.max_steps": 20}), resume=True, log=None).fit()
+    Trainer(_cfg(digits, part, **{"run.max_steps": 26}), resume=True, log=None).fit()
+    a, b = _losses(full), _losses(part)
+    assert set(b) == set(range(1, 27))
+    for s in range(1, 27):
+        assert a[s] == b[s], (s, a[s], b[s])
+    wa = torch.load(full / "last.pt", weights_only=True)["model"]
+    wb = torch.load(part / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ConfigError, match="another configuration"):
+        Trainer(_cfg(digits, part, **{"optim.base_lr": 0.2}), resume=True, log=None)
+
+
+def test_fused_and_autograd_losses_take_the_same_step(digits, tmp_path):
+    ws = []
+    for fused in (True, False):
+        out = tmp_path / f"f{fused}"
+        Trainer(_cfg(digits, out, **{"run.max_steps": 2, "loss.fused": fused}), log=None).fit()
+        ws.append(torch.load(out / "last.pt", weights_only=True)["model"])
+    for k in ws[0]:
+        torch.testing.assert_close(ws[0][k], ws[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_uses_labeled_set_only(digits, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(digits, out, **{"optim.epochs": 1, "finetune.epochs": 1})
+    res = Trainer(cfg, log=None).fit()
+    assert res["finished"] and (out / "student.pt").exists()
+    ft = finetune_config(cfg)
+    assert ft.data.unlabeled is None and ft.run.out == str(out) + "-finetune"
+    tr = Trainer(ft, mode="finetune", init=out / "student.pt", log=None)
+    assert len(tr.trainset) == 719  # T only (U has another 719)
+    assert tr.peak_lr == pytest.approx(0.01 * 32 / 256)
+    student = torch.load(out / "student.pt", weights_only=True)
+    got = tr.student_raw.state_dict()
+    assert all(torch.equal(student[k], got[k]) for k in student)
+    res = tr.fit()
+    assert res["finished"] and (tmp_path / "run-finetune" / "student.pt").exists()
+    # the CLI: finetune picks OUT/student.pt of the training run by default
+    args = ["finetune", *_overrides(digits, out, **{"finetune.epochs": 1, "run.max_steps": 2})]
+    args[1:1] = []
+    assert main(args) == 0
+
+
+def test_eval_cli(digits, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(_cfg(digits, out, **{"run.max_steps": 3}), log=None).fit()
+    args = ["eval", "--checkpoint", str(out / "last.pt"), *_overrides(digits, out)]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["images"] == 359 and 0 <= res["top1"] <= res["top5"] <= 100
+
+
+def test_options_ce_ema_accum_autoaugment(digits, tmp_path):
+    pytest.importorskip("kornia")
+    out = tmp_path / "opts"
+    extra = {
+        "run.max_steps": 3,
+        "loss.ce_weight": 0.5,
+        "run.ema": 0.9,
+        "run.grad_accum": 2,
+        "data.autoaugment": True,
+        "optim.epochs": 1,
+        "loss.kind": "sym_kl",
+    }
+    tr = Trainer(_cfg(digits, out, **extra), log=None)
+    assert tr.micro_batch == 16
+    tr.fit()
+    rec = [json.loads(x) for x in open(out / "metrics.jsonl") if '"train"' in x]
+    assert all("ce" in r and r["ce"] > 0 for r in rec)
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert st["ema"] is not None
+    assert any(not torch.equal(st["ema"][k], st["model"][k]) for k in st["model"])
+
+
+def test_synthetic_mode(tmp_path):
+    over = [
+        "data.synthetic=true",
+        "data.synthetic_size=256",
+        "data.input_size=32",
+        "run.batch_size=32",
+        "run.max_steps=4",
+        "run.progress=false",
+        f"run.out={tmp_path / 'syn'}",
+        "student.num_classes=10",
+        "teacher.num_classes=10",
+    ]
+    res = Trainer(load_config(None, over), log=None).fit()
+    assert res["step"] == 4
+
+
+def test_config_errors(digits, tmp_path, capsys, monkeypatch):
+    cases = [
+        (["optim.lrr=1"], "unknown key optim.lrr"),
+        (["optim.lr=fast"], "optim.lr must be a number"),
+        (["data.train=/nope"], "data.train: path not found"),
+        (["run.amp=fp8"], "run.amp must be one of"),
+        (["loss.kind=mse"], "loss.kind must be one of"),
+        (["run.batch_size=0"], "run.batch_size must be >= 1"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            load_config(None, _overrides(digits, tmp_path / "x") + extra)
+    # a class-count mismatch and an indivisible batch: errors before any step
+    with pytest.raises(ConfigError, match="student has 5 classes but teacher has 10"):
+        Trainer(_cfg(digits, tmp_path / "y", **{"student.num_classes": 5}), log=None)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="not divisible by 3 processes"):
+        Trainer(_cfg(digits, tmp_path / "z"), log=None)
+    monkeypatch.delenv("WORLD_SIZE")
+    # the CLI: one line, exit 2
+    with pytest.raises(SystemExit) as e:
+        main(["train", *_overrides(digits, tmp_path / "w"), "optim.momentum=2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "optim.momentum" in err and "\n" not in err
+
+
+def test_two_process_gloo_ddp(digits, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--master-port", str(31500 + os.getpid() % 1000), "-m", "ssld", "train"]
+    cmd += _overrides(digits, out, **{"run.max_steps": 4, "run.ckpt_every": 2})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert st["step"] == 4
+    assert len(_losses(out)) == 4
+
+
+def test_pieces():
+    # schedule: linear warm-up to 1, cosine to min_ratio
+    assert lr_factor(0, 100, 10, 0.0) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    # no decay on 1-D parameters
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    g = param_groups(m, 1e-4, True)
+    assert [len(x["params"]) for x in g] == [1, 3] and g[1]["weight_decay"] == 0.0
+    # the sampler: disjoint ranks, deterministic, resumable
+    a = list(ResumableSampler(100, 8, 2, 0, seed=3))
+    b = list(ResumableSampler(100, 8, 2, 1, seed=3))
+    assert len(a) == len(b) == 48 and not {i for i, _ in a} & {i for i, _ in b}
+    s = ResumableSampler(100, 8, 2, 0, seed=3)
+    s.set_epoch(0, 5)
+    assert list(s) == a[5 * 4 :]
+    with pytest.raises(ValueError, match="not divisible"):
+        ResumableSampler(100, 9, 2)
+    # augmentation: a pure function of (seed, epoch, index)
+    tf = TrainTransform(16, 0.2, True, seed=1)
+    assert tf.params(100, 80, 3, 7) == tf.params(100, 80, 3, 7)
+    assert tf.params(100, 80, 3, 7) != tf.params(100, 80, 4, 7)
+    y, x, h, w, _ = tf.params(100, 80, 0, 0)
+    assert 0 <= y and y + h <= 100 and 0 <= x and x + w <= 80
+    with pytest.raises(FileNotFoundError):
+        ckpt.load("/nonexistent.pt")
