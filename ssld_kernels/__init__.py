@@ -12,6 +12,7 @@ from ssld_kernels._backends import available_backends
 from ssld_kernels.divergence import (
     JSDLoss,
     KLDivLoss,
+    SparseTeacher,
     SymmetricKLLoss,
     softmax_divergence,
     softmax_divergence_and_grad,
@@ -23,6 +24,7 @@ __all__ = [
     "available_backends",
     "softmax_divergence",
     "softmax_divergence_and_grad",
+    "SparseTeacher",
     "JSDLoss",
     "SymmetricKLLoss",
     "KLDivLoss",

@@ -8,19 +8,25 @@ Kernel contract shared by every backend (``_launch_forward`` / ``_launch_backwar
 2-D logits (n, C) with last-dim stride 1 and any row stride; per-row float32 (float64 for
 float64 inputs) ``row_loss`` and ``stats = (max_s, log_sum_s, max_t, log_sum_t, A, B)``; gradients in the logits'
 dtypes. The backward reuses ``stats``, so it is one pass over the logits.
+
+A :class:`SparseTeacher` (top-m probabilities + class ids) is a second teacher form: the Triton
+kernel of ``triton/sparse.py`` behind the ``sparse_divergence_*`` ops (stats = (max_s,
+log_sum_s, A, B)), the reference elsewhere; see the class docstring.
 """
 
 import math
+from dataclasses import dataclass
 from numbers import Real
 
 import torch
 from torch import Tensor, nn
 
 from ssld_kernels import reference
-from ssld_kernels._backends import ext, resolve_backend
+from ssld_kernels._backends import backend_status, ext, resolve_backend
 from ssld_kernels.reference import DivSpec, make_spec
 
 __all__ = [
+    "SparseTeacher",
     "softmax_divergence",
     "softmax_divergence_and_grad",
     "JSDLoss",
@@ -247,18 +253,22 @@ torch.library.register_autograd(
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _check_logits_arg(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have at least 1 dimension (classes last), got a scalar")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16, bfloat16 or float64 logits, got {x.dtype}"
+        )
+
+
 def _prepare(
     student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
 ):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0:
-            raise ValueError(f"{name} must have at least 1 dimension (classes last), got a scalar")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise TypeError(
-                f"{name} must be float32, float16, bfloat16 or float64 logits, got {x.dtype}"
-            )
+        _check_logits_arg(name, x)
     s, t = student_logits, teacher_logits
     if s.shape[-1] != t.shape[-1]:
         raise ValueError(
@@ -276,6 +286,16 @@ def _prepare(
             f"float64 logits need float64 for both: student_logits is {s.dtype}, "
             f"teacher_logits is {t.dtype}"
         )
+    weight, mask, spec, lead = _prepare_options(s, kind, beta, temperature, reduction, weight, mask)
+    name = resolve_backend(backend, s.device, (s.dtype, t.dtype))
+    c = s.shape[-1]
+    s2, t2 = _rows(s, c), _rows(t, c)
+    return s2, t2, weight, mask, spec, lead, name
+
+
+def _prepare_options(s, kind, beta, temperature, reduction, weight, mask):
+    """Check the options and per-row arrays against student logits ``s``:
+    -> (weight (n,) acc dtype or None, mask (n,) bool or None, spec, leading shape)."""
     if kind not in reference.KINDS:
         raise ValueError(f"kind must be one of {reference.KINDS}, got {kind!r}")
     if reduction not in reference.REDUCTIONS:
@@ -311,9 +331,7 @@ def _prepare(
         if mask.device != s.device:
             raise ValueError(f"mask is on {mask.device} but the logits are on {s.device}")
         mask = mask.reshape(-1).contiguous()
-    name = resolve_backend(backend, s.device, (s.dtype, t.dtype))
-    s2, t2 = _rows(s, c), _rows(t, c)
-    return s2, t2, weight, mask, make_spec(kind, beta, temperature), lead, name
+    return weight, mask, make_spec(kind, beta, temperature), lead
 
 
 def _describe(x) -> str:
@@ -330,7 +348,7 @@ def _rows(x: Tensor, c: int) -> Tensor:
 
 def softmax_divergence(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: "Tensor | SparseTeacher",
     *,
     kind: str = "jsd",
     beta: float = 0.5,
@@ -346,6 +364,8 @@ def softmax_divergence(
     Args:
         student_logits, teacher_logits: (..., C) float logits, class dimension last; dtypes may
             differ (float32/float16/bfloat16; float64 on the cpu and torch backends).
+            ``teacher_logits`` may instead be a :class:`SparseTeacher` (top-m probabilities
+            already at temperature T, which then scales the student only; see there).
         kind: "jsd" (beta*KL(Pt||M) + (1-beta)*KL(Ps||M), M = beta*Pt + (1-beta)*Ps; beta=0 is
             exactly KL(Pt||Ps), beta=1 exactly KL(Ps||Pt)), "sym_kl" (0.5*(KL(Pt||Ps) +
             KL(Ps||Pt))) or "kl" (KL(Pt||Ps), Hinton's KD term).
@@ -358,6 +378,20 @@ def softmax_divergence(
 
     Returns the loss in float32 (float64 for float64 inputs).
     """
+    if isinstance(teacher_logits, SparseTeacher):
+        return _sparse_divergence(
+            student_logits,
+            teacher_logits,
+            kind,
+            beta,
+            temperature,
+            reduction,
+            weight,
+            mask,
+            teacher_grad,
+            backend,
+            with_grad=False,
+        )
     s, t, w, m, spec, lead, name = _prepare(
         student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
     )
@@ -372,7 +406,7 @@ def softmax_divergence(
 
 def softmax_divergence_and_grad(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: "Tensor | SparseTeacher",
     *,
     kind: str = "jsd",
     beta: float = 0.5,
@@ -390,20 +424,25 @@ def softmax_divergence_and_grad(
     like ``student_logits``; with ``teacher_grad=True`` returns ``(loss, grad_student,
     grad_teacher)``. For loops that call ``student_logits.backward(grad)`` themselves.
     """
+    if isinstance(teacher_logits, SparseTeacher):
+        return _sparse_divergence(
+            student_logits,
+            teacher_logits,
+            kind,
+            beta,
+            temperature,
+            reduction,
+            weight,
+            mask,
+            teacher_grad,
+            backend,
+            with_grad=True,
+        )
     s, t, w, m, spec, lead, name = _prepare(
         student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
     )
     s, t = s.detach(), t.detach()
-    n = s.shape[0]
-    acc = _acc(s.dtype)
-    if reduction in ("mean", "batchmean"):
-        count = reference.row_count(n, m, acc, s.device)
-        if isinstance(count, Tensor):
-            grad_rows = count.reciprocal().reshape(1).expand(n)
-        else:
-            grad_rows = torch.full((1,), 1.0 / count, dtype=acc, device=s.device).expand(n)
-    else:
-        grad_rows = torch.ones((1,), dtype=acc, device=s.device).expand(n)
+    grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
     if name == "torch":
         rows, gs, gt = reference.divergence_rows_and_grad(spec, s, t, grad_rows, w, m, teacher_grad)
     else:
@@ -413,6 +452,16 @@ def softmax_divergence_and_grad(
     if teacher_grad:
         return loss, gs, gt.reshape(teacher_logits.shape)
     return loss, gs
+
+
+def _grad_rows(n: int, mask: Tensor | None, reduction: str, acc, device) -> Tensor:
+    """d(loss)/d(row_loss[r]) for a reduction, as an (n,) view (stride 0), on the device."""
+    if reduction in ("mean", "batchmean"):
+        count = reference.row_count(n, mask, acc, device)
+        if isinstance(count, Tensor):
+            return count.reciprocal().reshape(1).expand(n)
+        return torch.full((1,), 1.0 / count, dtype=acc, device=device).expand(n)
+    return torch.ones((1,), dtype=acc, device=device).expand(n)
 
 
 class _DivergenceLoss(nn.Module):
@@ -454,7 +503,8 @@ class JSDLoss(_DivergenceLoss):
     ``Ps = softmax(student/T)``, ``Pt = softmax(teacher/T)``; beta=0.5 is the paper's JSD,
     beta=0 is exactly KL(Pt||Ps) and beta=1 exactly KL(Ps||Pt).
 
-    Shapes: logits (..., C); loss scalar (or leading shape with reduction="none").
+    Shapes: logits (..., C); loss scalar (or leading shape with reduction="none"). The teacher
+    may be a :class:`SparseTeacher` (top-m probabilities) instead of logits.
 
     Example::
 
@@ -504,3 +554,382 @@ class KLDivLoss(_DivergenceLoss):
 
     def __init__(self, reduction="batchmean", temperature=1.0, backend=None):
         super().__init__(reduction, temperature, 0.0, backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse (top-m) teacher: custom ops for the Triton kernel (ssld_kernels/triton/sparse.py),
+# the public SparseTeacher type and its path through the public functions.
+# ----------------------------------------------------------------------------------------------
+
+SPARSE_STATS_WIDTH = 4  # (max_s, log_sum_s, A, B)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _sparse_launchers(backend: str):
+    if backend != "triton":
+        raise ValueError(f"the sparse-teacher ops run on the triton backend, got {backend!r}")
+    from ssld_kernels.triton import sparse as tr
+
+    return tr.sparse_divergence_forward, tr.sparse_divergence_backward
+
+
+@torch.library.custom_op("ssld_kernels::sparse_divergence_fwd", mutates_args=())
+def _sparse_divergence_fwd(
+    s: Tensor,
+    probs: Tensor,
+    index: Tensor,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    mode: int,
+    beta: float,
+    coef_a: float,
+    coef_b: float,
+    inv_temp: float,
+    uniform: bool,
+    sum_tol: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss (n,) and saved statistics (n, 4) against a sparse teacher (n, m)."""
+    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
+    row_loss, stats, _ = _sparse_launchers(backend)[0](
+        s, probs, index, weight, _mask_u8(mask), spec, uniform, sum_tol
+    )
+    return row_loss, stats
+
+
+@_sparse_divergence_fwd.register_fake
+def _(s, probs, index, weight, mask, mode, beta, coef_a, coef_b, inv_temp, uniform, tol, backend):
+    n = s.shape[0]
+    return (
+        s.new_empty((n,), dtype=torch.float32),
+        s.new_empty((n, SPARSE_STATS_WIDTH), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("ssld_kernels::sparse_divergence_bwd", mutates_args=())
+def _sparse_divergence_bwd(
+    s: Tensor,
+    probs: Tensor,
+    index: Tensor,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    stats: Tensor,
+    grad_rows: Tensor,
+    mode: int,
+    beta: float,
+    coef_a: float,
+    coef_b: float,
+    inv_temp: float,
+    uniform: bool,
+    sum_tol: float,
+    backend: str,
+) -> Tensor:
+    """Gradient in ``s`` of sum_r grad_rows[r] * row_loss[r], from the forward's stats."""
+    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
+    return _sparse_launchers(backend)[1](
+        s, probs, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
+    )
+
+
+@_sparse_divergence_bwd.register_fake
+def _(s, probs, index, weight, mask, stats, grad_rows, *args):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("ssld_kernels::sparse_divergence_fwd_grad", mutates_args=())
+def _sparse_divergence_fwd_grad(
+    s: Tensor,
+    probs: Tensor,
+    index: Tensor,
+    weight: Tensor | None,
+    mask: Tensor | None,
+    grad_rows: Tensor,
+    mode: int,
+    beta: float,
+    coef_a: float,
+    coef_b: float,
+    inv_temp: float,
+    uniform: bool,
+    sum_tol: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Fused: per-row loss and the gradient in ``s`` of sum_r grad_rows[r] * row_loss[r]."""
+    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
+    row_loss, _, gs = _sparse_launchers(backend)[0](
+        s, probs, index, weight, _mask_u8(mask), spec, uniform, sum_tol, grad_rows, True
+    )
+    return row_loss, gs
+
+
+@_sparse_divergence_fwd_grad.register_fake
+def _(s, probs, index, weight, mask, grad_rows, *args):
+    n = s.shape[0]
+    gs = torch.empty_like(s, memory_format=torch.contiguous_format)
+    return s.new_empty((n,), dtype=torch.float32), gs
+
+
+def _sparse_fwd_setup_context(ctx, inputs, output):
+    s, probs, index, weight, mask = inputs[:5]
+    ctx.save_for_backward(s, probs, index, weight, mask, output[1])
+    ctx.args = inputs[5:]  # mode, beta, coef_a, coef_b, inv_temp, uniform, sum_tol, backend
+
+
+def _sparse_fwd_backward(ctx, grad_row_loss, _grad_stats):
+    s, probs, index, weight, mask, stats = ctx.saved_tensors
+    if grad_row_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 13
+    grad_rows = grad_row_loss.to(stats.dtype)
+    gs = _sparse_divergence_bwd(s, probs, index, weight, mask, stats, grad_rows, *ctx.args)
+    return (gs,) + (None,) * 12
+
+
+torch.library.register_autograd(
+    "ssld_kernels::sparse_divergence_fwd",
+    _sparse_fwd_backward,
+    setup_context=_sparse_fwd_setup_context,
+)
+
+
+@dataclass(frozen=True, eq=False)
+class SparseTeacher:
+    """A teacher stored sparse: per row its top-m probabilities and their class ids.
+
+    Pass it as ``teacher_logits`` to :func:`softmax_divergence`,
+    :func:`softmax_divergence_and_grad` or the loss modules; every kind, beta, reduction,
+    weight and mask works as with dense logits.
+
+    Args:
+        probs: (..., m) float32/float16/bfloat16 probabilities of the teacher's top-m classes
+            (float64 with float64 student logits, torch/cpu backends), already softmaxed **at
+            the loss temperature**, i.e. top-m of ``softmax(teacher_logits / T)``. The loss
+            applies ``temperature`` to the student only and still multiplies by T^2, so it
+            equals the dense loss with teacher logits ``T * log(Q)`` (Q below).
+        index: (..., m) int64/int32 class ids, distinct within a row, in [0, C).
+            Leading dims must equal the student's; 1 <= m <= C.
+        remainder: the mass 1 - sum(probs) the teacher did not store. "uniform" (default):
+            spread evenly over the other C - m classes. "ignore": probs are renormalised to
+            sum 1 and the other classes get 0; KL(Ps||Pt) is then +inf on every row (Ps > 0
+            everywhere), so with m < C kind="sym_kl" and kind="jsd" with beta=1 raise a
+            ValueError; "kl" and "jsd" with beta < 1 are finite.
+        validate: check the values on every call (ids in range and distinct, probs >= 0 and
+            not NaN, row sums <= 1 + tol, a nonzero sum where the remainder is not spread) and
+            raise a ValueError naming the first bad row; masked rows are not checked. This
+            reads one flag back from the device (a host sync): pass False in hot loops and
+            CUDA-graph steps once the data is trusted. Inside torch.compile the host check is
+            skipped (it would break the graph). Without it invalid rows give NaN loss and
+            gradient on every backend (a device-side guard, no sync; out-of-range ids are
+            never dereferenced).
+
+    Exact definition, per row, with S = sum(probs) and tol = max(1e-3, 2 eps(probs.dtype))
+    (``reference.sparse_sum_tol``)::
+
+        "uniform", m < C:     Q[index] = probs / max(S, 1),  Q[other] = max(1 - S, 0) / (C - m)
+        "ignore", or m == C:  Q[index] = probs / S,          Q[other] = 0
+
+    Q sums to 1; a sum above 1 within tol (rounding) is normalised away. A "uniform" row whose
+    probs sum to exactly 1 gives the other classes 0 mass, so KL(Ps||Pt) (sym_kl, jsd with
+    beta=1) is +inf there, as for a dense teacher with zero probabilities.
+
+    Backends: "triton" (and "auto" on GPU) runs the fused Triton kernel, which never forms the
+    dense teacher: one launch per row block reads the student row and the m entries and
+    writes the loss and gradient. "cuda" runs that Triton kernel too (the CUDA extension has
+    no sparse kernel; without triton it falls back to the reference). "cpu" has no C++ sparse
+    kernel: it runs the plain-PyTorch reference on the CPU (which forms the dense (n, C)
+    teacher), as does "torch". ``teacher_grad=True`` raises a ValueError: probs are data,
+    not a function of teacher logits.
+
+    Example::
+
+        teacher = SparseTeacher.from_logits(teacher_logits, m=10, temperature=4.0)
+        # store teacher.probs.half(), teacher.index.int(); later:
+        loss = softmax_divergence(student_logits, SparseTeacher(probs, index), temperature=4.0)
+    """
+
+    probs: Tensor
+    index: Tensor
+    remainder: str = "uniform"
+    validate: bool = True
+
+    def __post_init__(self):
+        p, i = self.probs, self.index
+        if not isinstance(p, Tensor) or p.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"SparseTeacher.probs must be a float32, float16, bfloat16 or float64 tensor, "
+                f"got {_describe(p)}"
+            )
+        if not isinstance(i, Tensor) or i.dtype not in _INDEX_DTYPES:
+            raise TypeError(
+                f"SparseTeacher.index must be an int64 or int32 tensor, got {_describe(i)}"
+            )
+        if p.dim() == 0 or p.shape != i.shape:
+            raise ValueError(
+                f"SparseTeacher.probs and .index must have the same shape (..., m), got "
+                f"{tuple(p.shape)} and {tuple(i.shape)}"
+            )
+        if p.shape[-1] == 0:
+            raise ValueError(f"SparseTeacher needs m >= 1 entries per row, got {tuple(p.shape)}")
+        if p.device != i.device:
+            raise ValueError(f"SparseTeacher.probs is on {p.device} but .index is on {i.device}")
+        if self.remainder not in reference.REMAINDERS:
+            raise ValueError(
+                f"remainder must be one of {reference.REMAINDERS}, got {self.remainder!r}"
+            )
+        if not isinstance(self.validate, bool):
+            raise TypeError(f"validate must be a bool, got {type(self.validate).__name__}")
+
+    @property
+    def m(self) -> int:
+        """Entries stored per row."""
+        return self.probs.shape[-1]
+
+    @classmethod
+    def from_logits(
+        cls,
+        teacher_logits: Tensor,
+        m: int,
+        *,
+        temperature: float = 1.0,
+        remainder: str = "uniform",
+        validate: bool = True,
+    ) -> "SparseTeacher":
+        """Top-m of ``softmax(teacher_logits / temperature)`` (float32 probs, float64 for
+        float64 logits; int64 ids), detached. Use the same temperature in the loss."""
+        _check_logits_arg("teacher_logits", teacher_logits)
+        if not 1 <= m <= teacher_logits.shape[-1]:
+            raise ValueError(f"m must be in [1, {teacher_logits.shape[-1]}], got {m}")
+        with torch.no_grad():
+            x = teacher_logits.detach().to(_acc(teacher_logits.dtype)) / float(temperature)
+            probs, index = torch.softmax(x, dim=-1).topk(m, dim=-1)
+        return cls(probs, index, remainder, validate)
+
+    def to_dense(self, n_classes: int) -> Tensor:
+        """The dense (..., C) teacher distribution Q (float32, float64 for float64 probs)."""
+        return reference.sparse_teacher_probs(self.probs, self.index, n_classes, self.remainder)
+
+
+def _sparse_impl(name: str, device: torch.device) -> str:
+    """Sparse implementation of a resolved backend: "triton" (fused kernel) or "torch"."""
+    if name == "triton" or (name == "cuda" and backend_status(device.type)["triton"][0]):
+        return "triton"
+    return "torch"  # "cpu" (no C++ sparse kernel), "torch", "cuda" without triton
+
+
+def _prepare_sparse(
+    student_logits, teacher, kind, beta, temperature, reduction, weight, mask, teacher_grad, backend
+):
+    _check_logits_arg("student_logits", student_logits)
+    s, probs, index = student_logits, teacher.probs, teacher.index
+    c, m = s.shape[-1], probs.shape[-1]
+    if teacher_grad:
+        raise ValueError(
+            "teacher_grad=True is not supported with a SparseTeacher (its probabilities are "
+            "data, not a function of teacher logits); pass dense teacher_logits instead"
+        )
+    if probs.shape[:-1] != s.shape[:-1]:
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(s.shape)} has leading shape "
+            f"{tuple(s.shape[:-1])}, SparseTeacher.probs {tuple(probs.shape)} has "
+            f"{tuple(probs.shape[:-1])}"
+        )
+    if m > c:
+        raise ValueError(
+            f"SparseTeacher has m={m} entries per row but student_logits has only {c} classes"
+        )
+    if probs.device != s.device:
+        raise ValueError(f"student_logits is on {s.device} but SparseTeacher is on {probs.device}")
+    if (s.dtype == torch.float64) != (probs.dtype == torch.float64):
+        raise TypeError(
+            f"float64 needs float64 for both: student_logits is {s.dtype}, "
+            f"SparseTeacher.probs is {probs.dtype}"
+        )
+    weight, mask, spec, lead = _prepare_options(s, kind, beta, temperature, reduction, weight, mask)
+    if teacher.remainder == "ignore" and m < c and spec.mode == 0 and spec.coef_a != 0:
+        what = "kind='jsd' with beta=1" if kind == "jsd" else f"kind={kind!r}"
+        raise ValueError(
+            f"{what} contains KL(Ps||Pt), which is +inf when remainder='ignore' leaves the "
+            f"{c - m} classes outside the top-{m} with zero teacher mass; use "
+            "remainder='uniform', kind='kl' or kind='jsd' with beta < 1"
+        )
+    name = resolve_backend(backend, s.device, (s.dtype, probs.dtype))
+    tol = reference.sparse_sum_tol(probs.dtype)
+    s2, p2, i2 = _rows(s, c), _rows(probs.detach(), m), _rows(index, m)
+    if teacher.validate and not torch.compiler.is_compiling():
+        _validate_sparse(p2, i2, c, mask, tol, teacher.remainder, lead)
+    return s2, p2, i2, weight, mask, spec, lead, _sparse_impl(name, s.device), tol
+
+
+def _validate_sparse(probs, index, c, mask, tol, remainder, lead):
+    """Raise a ValueError naming the first invalid unmasked row (one host sync)."""
+    bad = reference.sparse_invalid_rows(probs, index, c, tol)
+    m = probs.shape[-1]
+    total = probs.to(_acc(probs.dtype)).sum(-1)
+    if remainder == "ignore" or m == c:
+        bad = bad | (total == 0)
+    if mask is not None:
+        bad = bad & mask
+    if not bool(bad.any()):
+        return
+    r = int(bad.nonzero()[0, 0])
+    where = tuple(int(x) for x in torch.unravel_index(torch.tensor(r), tuple(lead)))
+    ids, p = index[r].tolist(), probs[r]
+    if any(not 0 <= i < c for i in ids):
+        msg = f"class ids outside [0, {c}): {[i for i in ids if not 0 <= i < c]}"
+    elif len(set(ids)) < len(ids):
+        msg = f"repeated class ids {sorted({i for i in ids if ids.count(i) > 1})}"
+    elif not bool((p >= 0).all()):
+        msg = "negative or NaN probabilities"
+    elif float(total[r]) > 1 + tol:
+        msg = f"probabilities summing to {float(total[r]):.6g} > 1 + {tol:g}"
+    else:
+        msg = f"probabilities summing to 0 (remainder={remainder!r} cannot renormalise them)"
+    raise ValueError(
+        f"SparseTeacher row {where}: {msg}. (validate=False skips this host-side check; "
+        "invalid rows then give NaN loss and gradient.)"
+    )
+
+
+def _sparse_divergence(
+    student_logits,
+    teacher,
+    kind,
+    beta,
+    temperature,
+    reduction,
+    weight,
+    mask,
+    teacher_grad,
+    backend,
+    with_grad,
+):
+    s, probs, index, w, m, spec, lead, impl, tol = _prepare_sparse(
+        student_logits,
+        teacher,
+        kind,
+        beta,
+        temperature,
+        reduction,
+        weight,
+        mask,
+        teacher_grad,
+        backend,
+    )
+    uniform = teacher.remainder == "uniform"
+    if not with_grad:
+        if impl == "torch":
+            rows = reference.sparse_divergence_rows(
+                spec, s, probs, index, teacher.remainder, w, m, tol
+            )
+        else:
+            rows, _ = _sparse_divergence_fwd(s, probs, index, w, m, *spec, uniform, tol, impl)
+        return reference.reduce_rows(rows, reduction, m, lead)
+    s = s.detach()
+    grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
+    if impl == "torch":
+        rows, gs = reference.sparse_divergence_rows_and_grad(
+            spec, s, probs, index, grad_rows, teacher.remainder, w, m, tol
+        )
+    else:
+        rows, gs = _sparse_divergence_fwd_grad(
+            s, probs, index, w, m, grad_rows, *spec, uniform, tol, impl
+        )
+    return reference.reduce_rows(rows, reduction, m, lead), gs.reshape(student_logits.shape)

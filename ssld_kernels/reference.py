@@ -33,6 +33,20 @@ none, although KL(P||Q) is then infinite); NaN propagates. log M is evaluated as
     log M - log p = z + max(d, 0),   log M - log q = z - min(d, 0)
 
 which is exact for identical rows (zero loss and zero gradient) and never forms 0 * inf.
+
+Sparse teacher (``sparse_*`` below): per row the teacher's top-m probabilities ``probs`` at
+class ids ``index`` (already at the loss temperature: T scales the student only, the loss is
+still multiplied by T**2). With S = sum(probs) the dense teacher is
+
+    remainder="uniform", m < C:  r = max(1 - S, 0),  Z = S + r,  Q[index] = probs / Z,
+                                 Q[other] = u = r / (C - m)
+    remainder="ignore" or m == C: Z = S,  Q[index] = probs / Z,  Q[other] = 0
+
+so Q always sums to 1 (Z = 1 for valid uniform rows; excess mass within the tolerance
+``sparse_sum_tol`` is normalised away). The loss and gradients are then the dense ones with
+log q = log Q. Invalid rows (an index out of [0, C), a repeated index, a negative or NaN
+probability, S > 1 + tol) get a NaN teacher, hence NaN loss and gradient: the device-side guard used when
+host validation is off; masked rows are exactly 0 whatever they hold.
 """
 
 from __future__ import annotations
@@ -49,12 +63,18 @@ __all__ = [
     "divergence_rows_and_grad",
     "reduce_rows",
     "row_count",
+    "sparse_sum_tol",
+    "sparse_invalid_rows",
+    "sparse_teacher_probs",
+    "sparse_divergence_rows",
+    "sparse_divergence_rows_and_grad",
     "squared_distances",
     "knn",
 ]
 
 KINDS = ("jsd", "sym_kl", "kl")
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
+REMAINDERS = ("uniform", "ignore")
 
 
 class DivSpec(NamedTuple):
@@ -125,8 +145,12 @@ def _masked_product(prob: Tensor, value: Tensor) -> Tensor:
 
 def _row_stats(spec: DivSpec, s: Tensor, t: Tensor):
     acc = _acc_dtype(s, t)
-    logp = torch.log_softmax(s.to(acc) * spec.inv_temp, dim=-1)
-    logq = torch.log_softmax(t.to(acc) * spec.inv_temp, dim=-1)
+    return _row_stats_logq(spec, s, torch.log_softmax(t.to(acc) * spec.inv_temp, dim=-1))
+
+
+def _row_stats_logq(spec: DivSpec, s: Tensor, logq: Tensor):
+    """Row statistics from student logits and the teacher's log-probabilities (its dtype)."""
+    logp = torch.log_softmax(s.to(logq.dtype) * spec.inv_temp, dim=-1)
     p, q = logp.exp(), logq.exp()
     ls, lt = _xlogy_terms(spec, logp, logq)
     a = _masked_product(p, ls).sum(-1)
@@ -161,7 +185,12 @@ def divergence_rows_and_grad(
     need_grad_t: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Per-row loss and the closed-form gradients of sum_r grad_rows[r] * loss[r]."""
-    p, q, ls, lt, a, b = _row_stats(spec, s, t)
+    stats = _row_stats(spec, s, t)
+    return _rows_and_grad(spec, stats, grad_rows, weight, mask, need_grad_t, s.dtype, t.dtype)
+
+
+def _rows_and_grad(spec, stats, grad_rows, weight, mask, need_grad_t, s_dtype, t_dtype):
+    p, q, ls, lt, a, b = stats
     loss = (_weighted(spec.coef_a, a) + _weighted(spec.coef_b, b)) * spec.temperature**2
     g = grad_rows.to(loss.dtype).expand(loss.shape[0]) * spec.temperature
     if weight is not None:
@@ -186,8 +215,8 @@ def divergence_rows_and_grad(
         grad_t = g * grad_t
         if mask is not None:
             grad_t = torch.where(mask.bool()[:, None], grad_t, torch.zeros_like(grad_t))
-        grad_t = grad_t.to(t.dtype)
-    return loss, grad_s.to(s.dtype), grad_t
+        grad_t = grad_t.to(t_dtype)
+    return loss, grad_s.to(s_dtype), grad_t
 
 
 def reduce_rows(row_loss: Tensor, reduction: str, mask: Tensor | None, lead_shape) -> Tensor:
@@ -205,6 +234,118 @@ def row_count(n: int, mask: Tensor | None, dtype, device) -> Tensor | float:
     if mask is None:
         return float(max(n, 1))
     return mask.reshape(-1).sum().clamp(min=1).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax divergence against a sparse (top-m) teacher
+# ----------------------------------------------------------------------------------------------
+
+
+def sparse_sum_tol(dtype: torch.dtype) -> float:
+    """How far above 1 a row's top-m probabilities may sum: max(1e-3, 2 eps(dtype)).
+
+    1e-3 for float32/float64 (probabilities computed in a lower precision and cast up),
+    2e-3 for float16 and 1.6e-2 for bfloat16 (rounding each of m positive values to the dtype
+    moves their sum by at most eps/2 relative)."""
+    return max(1e-3, 2.0 * torch.finfo(dtype).eps)
+
+
+def sparse_invalid_rows(
+    probs: Tensor, index: Tensor, n_classes: int, sum_tol: float | None = None
+) -> Tensor:
+    """Bool (...,): rows with an index outside [0, C), a repeated index, a negative (or NaN)
+    probability, or probabilities summing above 1 + sum_tol. On the device, no host sync."""
+    tol = sparse_sum_tol(probs.dtype) if sum_tol is None else sum_tol
+    pr = probs.to(_acc_dtype(probs))
+    bad = ((index < 0) | (index >= n_classes)).any(-1) | ~(pr >= 0).all(-1)
+    bad = bad | (pr.sum(-1) > 1.0 + tol)
+    if index.shape[-1] > 1:
+        srt = index.sort(dim=-1).values
+        bad = bad | (srt[..., 1:] == srt[..., :-1]).any(-1)
+    return bad
+
+
+def sparse_teacher_probs(
+    probs: Tensor,
+    index: Tensor,
+    n_classes: int,
+    remainder: str = "uniform",
+    sum_tol: float | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The dense (..., C) teacher distribution Q of a sparse teacher (module docstring).
+
+    ``dtype`` defaults to float64 for float64 probs, else float32. Invalid rows
+    (:func:`sparse_invalid_rows`) are NaN."""
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    acc = dtype or _acc_dtype(probs)
+    pr = probs.to(acc)
+    m = pr.shape[-1]
+    total = pr.sum(-1, keepdim=True)
+    if remainder == "uniform" and n_classes > m:
+        rest = (1.0 - total).clamp(min=0.0)
+    else:
+        rest = torch.zeros_like(total)
+    u = rest / max(n_classes - m, 1)
+    q = u.expand(*pr.shape[:-1], n_classes).contiguous()
+    idx = index.long().clamp(0, max(n_classes - 1, 0))  # out-of-range rows become NaN below
+    q = q.scatter(-1, idx, pr / (total + rest))
+    bad = sparse_invalid_rows(probs, index, n_classes, sum_tol)
+    return torch.where(bad[..., None], torch.full_like(q, float("nan")), q)
+
+
+def _sparse_logq(s, probs, index, remainder, sum_tol, mask):
+    q = sparse_teacher_probs(probs, index, s.shape[-1], remainder, sum_tol, _acc_dtype(s, probs))
+    logq = q.log()
+    if mask is not None:  # masked rows: uniform P and Q (exact 0 loss and gradient)
+        keep = mask.bool()[:, None]
+        logq = torch.where(keep, logq, torch.log_softmax(torch.zeros_like(logq), dim=-1))
+    return logq
+
+
+def sparse_divergence_rows(
+    spec: DivSpec,
+    s: Tensor,
+    probs: Tensor,
+    index: Tensor,
+    remainder: str = "uniform",
+    weight: Tensor | None = None,
+    mask: Tensor | None = None,
+    sum_tol: float | None = None,
+) -> Tensor:
+    """Per-row loss of (n, C) student logits against a sparse teacher ((n, m) probs, index):
+    the dense loss with Q = :func:`sparse_teacher_probs`; differentiable in ``s``."""
+    logq = _sparse_logq(s, probs, index, remainder, sum_tol, mask)
+    if mask is not None:
+        s = torch.where(mask.bool()[:, None], s, torch.zeros_like(s))
+    _, _, _, _, a, b = _row_stats_logq(spec, s, logq)
+    loss = (_weighted(spec.coef_a, a) + _weighted(spec.coef_b, b)) * spec.temperature**2
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype)
+    if mask is not None:
+        loss = torch.where(mask.bool(), loss, torch.zeros_like(loss))
+    return loss
+
+
+def sparse_divergence_rows_and_grad(
+    spec: DivSpec,
+    s: Tensor,
+    probs: Tensor,
+    index: Tensor,
+    grad_rows: Tensor,
+    remainder: str = "uniform",
+    weight: Tensor | None = None,
+    mask: Tensor | None = None,
+    sum_tol: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss and the closed-form gradient in ``s`` of sum_r grad_rows[r] * loss[r]."""
+    logq = _sparse_logq(s, probs, index, remainder, sum_tol, mask)
+    if mask is not None:
+        s = torch.where(mask.bool()[:, None], s, torch.zeros_like(s))
+    stats = _row_stats_logq(spec, s, logq)
+    loss, grad_s, _ = _rows_and_grad(spec, stats, grad_rows, weight, mask, False, s.dtype, None)
+    return loss, grad_s
 
 
 # ----------------------------------------------------------------------------------------------
