@@ -57,6 +57,7 @@ class LossConfig:
     beta: float = 0.5
     temperature: float = 1.0
     ce_weight: float = 0.0  # hard-label cross entropy on T images (0: the paper, no labels)
+    kd_weight: float = 1.0  # weight of the divergence term (0: supervised only, no teacher)
     fused: bool = True  # loss and gradient from one kernel (softmax_divergence_and_grad)
 
 
@@ -69,6 +70,7 @@ class OptimConfig:
     weight_decay: float = 4e-5  # the paper: 4e-5 large students, 1e-5 small
     no_decay_bn_bias: bool = True
     epochs: int = 360
+    steps: int | None = None  # a step budget instead of epochs (schedule and stop)
     warmup_epochs: float = 5.0
     min_lr: float = 0.0
 
@@ -216,6 +218,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("optim.warmup_epochs", cfg.optim.warmup_epochs),
         ("optim.min_lr", cfg.optim.min_lr),
         ("loss.ce_weight", cfg.loss.ce_weight),
+        ("loss.kd_weight", cfg.loss.kd_weight),
         ("run.eval_every", cfg.run.eval_every),
     ]
     for key, value in nonneg:
@@ -241,6 +244,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"data.{key} must be 3 numbers, got {v!r}")
     if any(x <= 0 for x in cfg.data.std):
         raise ConfigError(f"data.std must be > 0, got {cfg.data.std}")
+    if cfg.loss.kd_weight == 0 and cfg.loss.ce_weight == 0:
+        raise ConfigError("loss.kd_weight and loss.ce_weight are both 0: nothing to train")
+    if cfg.optim.steps is not None and cfg.optim.steps < 1:
+        raise ConfigError(f"optim.steps must be >= 1, got {cfg.optim.steps}")
     if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
         raise ConfigError(f"run.max_steps must be >= 1, got {cfg.run.max_steps}")
     if not cfg.data.synthetic:
@@ -271,6 +278,7 @@ def finetune_config(cfg: TrainConfig) -> TrainConfig:
         **{
             "data.unlabeled": None,
             "optim.epochs": f.epochs,
+            "optim.steps": None,
             "optim.base_lr": f.base_lr,
             "optim.lr": None,
             "optim.warmup_epochs": f.warmup_epochs,
@@ -293,6 +301,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        for conv in (int, float):
+            try:
+                return parts, conv(value)
+            except ValueError:
+                pass
     return parts, value
 
 

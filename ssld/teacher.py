@@ -64,8 +64,13 @@ def _apply_weights(model: nn.Module, weights, spec: str) -> None:
         )
 
 
-def load_model(spec: str, weights: str | os.PathLike | None = None, **kwargs) -> nn.Module:
-    """The model of ``spec`` (see the module docstring), in eval mode, on the CPU."""
+def load_model(
+    spec: str, weights: str | os.PathLike | None = None, *, require_weights: bool = True, **kwargs
+) -> nn.Module:
+    """The model of ``spec`` (see the module docstring), in eval mode, on the CPU.
+
+    ``require_weights=False`` lets a timm model start from random weights (a student).
+    """
     if not isinstance(spec, str) or not spec:
         raise TeacherError(f"teacher spec must be a non-empty string, got {spec!r}")
     if ":" in spec and not os.path.exists(spec):
@@ -103,9 +108,10 @@ def load_model(spec: str, weights: str | os.PathLike | None = None, **kwargs) ->
             f"{spec!r} is not a file or module:callable, and timm (needed for model names) is "
             "not importable: pip install timm"
         ) from None
-    if weights is None:
+    if weights is None and require_weights:
         raise TeacherError(
-            f"timm model {spec!r} needs --teacher-weights PATH (nothing is downloaded)"
+            f"timm model {spec!r} needs local weights (--teacher-weights / teacher.weights); "
+            "nothing is downloaded"
         )
     try:
         model = timm.create_model(spec, pretrained=False, **kwargs)

@@ -164,7 +164,9 @@ class Trainer:
                 worker_init_fn=worker_init if d.workers else None,
             )
         self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.total_steps = self.cfg.optim.epochs * self.steps_per_epoch
+        o = self.cfg.optim
+        self.total_steps = o.steps if o.steps else o.epochs * self.steps_per_epoch
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.val = None
         if d.val is not None:
             val_classes, items = class_folder(d.val)
@@ -181,7 +183,7 @@ class Trainer:
         if mc.num_classes is not None:
             kwargs["num_classes"] = mc.num_classes
         try:
-            return load_model(mc.name, mc.weights, **kwargs)
+            return load_model(mc.name, mc.weights, require_weights=name == "teacher", **kwargs)
         except TeacherError as e:
             raise C.ConfigError(f"{name}: {e}") from None
 
@@ -336,7 +338,7 @@ class Trainer:
         return self.normalize(x)
 
     def _micro_step(self, imgs, labels, ok, meters, timer, last: bool):
-        cfg = self.cfg
+        cfg, L = self.cfg, self.cfg.loss
         amp = torch.autocast(
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
@@ -345,9 +347,11 @@ class Trainer:
         x = self._inputs(imgs)
         labels = labels.to(self.device, non_blocking=True)
         ok = ok.to(self.device, non_blocking=True)
-        teacher_ctx = torch.no_grad() if cfg.teacher.bn_train else torch.inference_mode()
-        with teacher_ctx, amp:
-            t_logits = self.teacher(x)
+        t_logits = None
+        if L.kd_weight > 0:
+            teacher_ctx = torch.no_grad() if cfg.teacher.bn_train else torch.inference_mode()
+            with teacher_ctx, amp:
+                t_logits = self.teacher(x)
         timer.mark("teacher")
         sync = (
             self.student.no_sync()
@@ -359,38 +363,33 @@ class Trainer:
                 s_logits = self.student(x)
             timer.mark("student")  # forward; the backward is added below
             accum = cfg.run.grad_accum
-            L = cfg.loss
+            total = None
             ce = None
             if L.ce_weight > 0:
-                has = labels >= 0
+                has = (labels >= 0) & ok
                 ce = F.cross_entropy(s_logits.float(), labels.clamp(min=0), reduction="none")
-                ce = (ce * (has & ok)).sum() / (has & ok).sum().clamp(min=1)
-            if L.fused:
-                t = t_logits if not t_logits.is_inference() else t_logits.clone()
-                loss, grad = sk.softmax_divergence_and_grad(
-                    s_logits.detach(), t, kind=L.kind, beta=L.beta, temperature=L.temperature,
-                    mask=ok, reduction="batchmean",
-                )  # fmt: skip
-                surrogate = (s_logits * grad.to(s_logits.dtype)).sum() / accum
-                if ce is not None:
-                    surrogate = surrogate + L.ce_weight * ce / accum
-                timer.mark("loss")
-                self.scaler.scale(surrogate).backward()
-            else:
+                ce = (ce * has).sum() / has.sum().clamp(min=1)
+                total = L.ce_weight * ce / accum
+            loss = ce
+            if t_logits is not None:
                 t = t_logits.clone() if t_logits.is_inference() else t_logits
-                loss = sk.softmax_divergence(
-                    s_logits, t, kind=L.kind, beta=L.beta, temperature=L.temperature,
-                    mask=ok, reduction="batchmean",
-                )  # fmt: skip
-                total = loss / accum + (L.ce_weight * ce / accum if ce is not None else 0)
-                timer.mark("loss")
-                self.scaler.scale(total).backward()
+                div = dict(kind=L.kind, beta=L.beta, temperature=L.temperature, mask=ok)
+                if L.fused:  # loss and gradient from one kernel; a surrogate carries the grad
+                    loss, grad = sk.softmax_divergence_and_grad(s_logits.detach(), t, **div)
+                    kd = (s_logits * grad.to(s_logits.dtype)).sum()
+                else:
+                    loss = kd = sk.softmax_divergence(s_logits, t, **div)
+                kd = L.kd_weight * kd / accum
+                total = kd if total is None else total + kd
+            timer.mark("loss")
+            self.scaler.scale(total).backward()
         timer.mark("student")
         meters.add("loss", loss)
         if ce is not None:
             meters.add("ce", ce)
-        agree = (s_logits.detach().argmax(1) == t_logits.argmax(1)) & ok
-        meters.add("agree", agree.sum())
+        if t_logits is not None:
+            agree = (s_logits.detach().argmax(1) == t_logits.argmax(1)) & ok
+            meters.add("agree", agree.sum())
         meters.add("images", ok.sum())
 
     def _optimizer_step(self, timer) -> None:
@@ -414,7 +413,7 @@ class Trainer:
         max_steps = cfg.run.max_steps
         if self.rank == 0:
             self.log(
-                f"{self.mode}: {self.steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs, "
+                f"{self.mode}: {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
                 f"global batch {cfg.run.batch_size} ({self.world} x {self.micro_batch} x "
                 f"{cfg.run.grad_accum}), peak lr {self.peak_lr:g}, device {self.device}"
             )
@@ -426,7 +425,7 @@ class Trainer:
         images_since = 0
         stopped = False
         try:
-            while self.epoch < cfg.optim.epochs and not stopped:
+            while self.step < self.total_steps and not stopped:
                 self.student.train()
                 accum_i = 0
                 t_data = time.perf_counter()
@@ -452,7 +451,9 @@ class Trainer:
                         if self.step % cfg.run.ckpt_every == 0:
                             self.save_checkpoint()
                         if max_steps is not None and self.step >= max_steps:
-                            stopped = True
+                            stopped = self.step < self.total_steps
+                            break
+                        if self.step >= self.total_steps:
                             break
                     t_data = time.perf_counter()
                 if stopped:
@@ -513,7 +514,7 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        total = self.cfg.optim.epochs * self.steps_per_epoch
+        total = self.total_steps
         if self.cfg.run.max_steps is not None:
             total = min(total, self.cfg.run.max_steps)
         return tqdm(total=total, initial=self.step, desc=self.mode, unit="step", mininterval=1.0)
