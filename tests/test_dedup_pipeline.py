@@ -216,7 +216,7 @@ def test_torchrun_two_processes(photos, vlad_run, tmp_path):
     out = tmp_path / "ddp"
     _copy_features(src, out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(29500 + os.getpid() % 1000), "-m", "ssld", "dedup"]
+    cmd += ["--standalone", "-m", "ssld", "dedup"]
     cmd += ["--query", str(photos["query"]), "--reference", str(photos["reference"])]
     cmd += ["--out", str(out), "--max-side", "480", "--max-keypoints", "384"]
     cmd += ["--shard-size", "25", "--shortlist-k", "2", "--quiet", "--device", "cpu"]

@@ -244,7 +244,7 @@ def test_torchrun_two_processes(gallery, teacher_file, tmp_path):
     assert main(_cli(gallery, teacher_file, ref)) == 0
     out = tmp_path / "ddp.csv"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(30500 + os.getpid() % 1000), "-m", "ssld"]
+    cmd += ["--standalone", "-m", "ssld"]
     cmd += _cli(gallery, teacher_file, out)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -203,7 +203,7 @@ def test_config_errors(digits, tmp_path, capsys, monkeypatch):
 def test_two_process_gloo_ddp(digits, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    cmd += ["--master-port", str(31500 + os.getpid() % 1000), "-m", "ssld", "train"]
+    cmd += ["--standalone", "-m", "ssld", "train"]
     cmd += _overrides(digits, out, **{"run.max_steps": 4, "run.ckpt_every": 2})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
