@@ -471,10 +471,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    import tempfile
+
     from ssld.config import ConfigError
     from ssld.train import Trainer
 
     extra = [f"data.val={args.val}"] if args.val else []
+    extra.append(f"run.out={tempfile.mkdtemp(prefix='ssld-eval-')}")  # no run folder here
     if not any(o.startswith(("data.train=", "data.unlabeled=")) for o in args.overrides):
         import yaml
 
