@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ssld._io import atomic_write_text, progress_bar
 from ssld.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -305,7 +306,7 @@ def _infer(
         worker_init_fn=worker_init if workers else None,
     )
     model = prepare_teacher(teacher, cfg, device)
-    bar = _progress(len(ids), progress)
+    bar = progress_bar(len(ids), progress, "select", "img", smoothing=0.05)
     state = {"table": table, "done_batches": done_batches}
 
     def checkpoint():
@@ -488,7 +489,9 @@ def write_selection(out: Path, paths, state, failed, k: int, topm: int) -> dict:
         for c, j in zip(rows_c, rows_j):
             w.writerow([paths[ids[c, j]], int(c), f"{float(scores[c, j]):.9g}"])
     os.replace(tmp, out)
-    _write_text(out.with_name(out.name + ".failed.txt"), "".join(f"{paths[i]}\n" for i in failed))
+    atomic_write_text(
+        out.with_name(out.name + ".failed.txt"), "".join(f"{paths[i]}\n" for i in failed)
+    )
     lines = ["class,count,min,p25,median,p75,max"]
     for c in range(scores.shape[0]):
         s = scores[c][keep[c]]
@@ -497,7 +500,7 @@ def write_selection(out: Path, paths, state, failed, k: int, topm: int) -> dict:
             lines.append(f"{c},{len(s)}," + ",".join(f"{x:.6g}" for x in q))
         else:
             lines.append(f"{c},0,,,,,")
-    _write_text(out.with_name(out.name + ".classes.csv"), "\n".join(lines) + "\n")
+    atomic_write_text(out.with_name(out.name + ".classes.csv"), "\n".join(lines) + "\n")
     if topm:
         tmp = out.with_name(f"{out.name}.topm.{os.getpid()}.tmp.npz")
         np.savez(tmp, prob=state["top_val"][keep], cls=state["top_cls"][keep])
@@ -531,22 +534,6 @@ def _histogram(out: Path, scores) -> str | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _progress(total, enabled):
-    if not enabled or total == 0:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="select", unit="img", smoothing=0.05)
 
 
 def gallery_paths(gallery: str | os.PathLike, root=None) -> tuple[list[str], Path]:

@@ -24,26 +24,13 @@ _DTYPE_CODES = {torch.float32: 0, torch.uint8: 4}
 MAX_K = 64
 
 
-def _ext_knn_ragged(q, db, q_off, db_off, k):
-    nq = q.shape[0]
-    dist = torch.empty((nq, k), dtype=torch.float32)
-    index = torch.empty((nq, k), dtype=torch.int64)
-    if nq == 0:
-        return dist, index
-    p = ext().KnnParams()
-    p.q, p.q_stride, p.nq_total = q.data_ptr(), q.stride(0), nq
-    p.db, p.db_stride, p.ndb_total = db.data_ptr(), db.stride(0), db.shape[0]
-    p.dtype, p.dim = _DTYPE_CODES[q.dtype], q.shape[1]
-    p.n_groups, p.q_off, p.db_off = q_off.numel() - 1, q_off.data_ptr(), db_off.data_ptr()
-    p.k, p.out_dist, p.out_idx = k, dist.data_ptr(), index.data_ptr()
-    p.num_threads = torch.get_num_threads()
-    ext().match_knn_cpu(p)
-    return dist, index
+def _ext_launch(q, db, q_off, db_off, k, cuda: bool):
+    """Fill a KnnParams block and run the compiled kernel (csrc/match.h contract).
 
-
-def _cuda_knn_ragged(q, db, q_off, db_off, k):
-    """CUDA kernel (csrc/match.cu): descriptors and outputs on one GPU, launched on that GPU's
-    current stream; the offsets are host arrays (read by the host to build the tile schedule)."""
+    The offsets stay host arrays on both paths (the CUDA host code reads them to build its
+    tile schedule); descriptors and outputs live on the descriptors' device, and the CUDA
+    kernel is launched on that device's current stream.
+    """
     if db.device != q.device:
         raise ValueError(f"queries are on {q.device} but database is on {db.device}")
     nq = q.shape[0]
@@ -59,10 +46,22 @@ def _cuda_knn_ragged(q, db, q_off, db_off, k):
     p.dtype, p.dim = _DTYPE_CODES[q.dtype], q.shape[1]
     p.n_groups, p.q_off, p.db_off = q_off.numel() - 1, q_off.data_ptr(), db_off.data_ptr()
     p.k, p.out_dist, p.out_idx = k, dist.data_ptr(), index.data_ptr()
-    p.device = q.device.index
-    p.stream = torch.cuda.current_stream(q.device).cuda_stream
-    ext().match_knn_cuda(p)
+    if cuda:
+        p.device = q.device.index
+        p.stream = torch.cuda.current_stream(q.device).cuda_stream
+        ext().match_knn_cuda(p)
+    else:
+        p.num_threads = torch.get_num_threads()
+        ext().match_knn_cpu(p)
     return dist, index
+
+
+def _ext_knn_ragged(q, db, q_off, db_off, k):
+    return _ext_launch(q, db, q_off, db_off, k, cuda=False)
+
+
+def _cuda_knn_ragged(q, db, q_off, db_off, k):
+    return _ext_launch(q, db, q_off, db_off, k, cuda=True)
 
 
 def _torch_knn_ragged(q, db, q_off, db_off, k):

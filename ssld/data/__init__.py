@@ -68,6 +68,21 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def load_chw(path, transform, size: int) -> tuple[torch.Tensor, bool]:
+    """(uint8 (3, size, size) tensor of ``transform(rgb)``, ok); a file that cannot be decoded
+    or transformed gives zeros and ok=False."""
+    rgb = read_rgb(path)
+    ok = rgb is not None
+    if ok:
+        try:
+            rgb = transform(rgb)
+        except Exception:  # noqa: BLE001 - degenerate images (0-sized...) count as bad
+            ok = False
+    if not ok:
+        return torch.zeros(3, size, size, dtype=torch.uint8), False
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), True
+
+
 class ImageList(torch.utils.data.Dataset):
     """Items ``(image uint8 (3, S, S), index int64, ok bool)`` for ``paths`` below ``root``.
 
@@ -86,19 +101,7 @@ class ImageList(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        size = self.transform.input_size
-        rgb = read_rgb(self.root / self.paths[i])
-        ok = rgb is not None
-        if ok:
-            try:
-                rgb = self.transform(rgb)
-            except Exception:  # noqa: BLE001 - degenerate images (0-sized...) count as bad
-                ok = False
-        img = (
-            torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-            if ok
-            else torch.zeros(3, size, size, dtype=torch.uint8)
-        )
+        img, ok = load_chw(self.root / self.paths[i], self.transform, self.transform.input_size)
         return img, self.indices[i], ok
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssld._io import atomic_write_lines, atomic_write_text, progress_bar
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -170,7 +172,7 @@ def extract(
         r = start % len(selected)
         selected = selected[r:] + selected[:r]
     todo = [s for s in selected if not _shard_complete(_shard_path(out, s), shard_range(s).stop)]
-    bar = _progress(sum(len(shard_range(s)) for s in todo), progress)
+    bar = progress_bar(sum(len(shard_range(s)) for s in todo), progress, "sift", "img", leave=False)
     pool = ProcessPoolExecutor(workers) if workers > 0 else None
     written = extracted = 0
     try:
@@ -199,7 +201,7 @@ def extract(
         for i in np.load(_shard_path(out, s))["failed"]
     )
     if shards is None:
-        _atomic_write_text(out / "failed.txt", "".join(f"{f}\n" for f in failed))
+        atomic_write_lines(out / "failed.txt", failed)
     missing = sorted(set(images) - set(current))
     return {
         "images": len(images),
@@ -247,8 +249,8 @@ def _update_image_list(out: Path, current: list[str], cfg: ExtractConfig) -> lis
         images = images + [p for p in current if p not in known]
         if len(images) == old.get("images"):
             return images
-    _atomic_write_text(ipath, "".join(f"{p}\n" for p in images))
-    _atomic_write_text(mpath, json.dumps({"config": config, "images": len(images)}, indent=1))
+    atomic_write_lines(ipath, images)
+    atomic_write_text(mpath, json.dumps({"config": config, "images": len(images)}, indent=1))
     return images
 
 
@@ -322,19 +324,3 @@ def load_features(out: str | os.PathLike, shards: Iterable[int] | None = None) -
     feats["images"] = images
     feats["config"] = manifest["config"]
     return feats
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _progress(total, enabled):
-    if not enabled or total == 0:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="sift", unit="img", leave=False)

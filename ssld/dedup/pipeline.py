@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssld._io import atomic_write_json, atomic_write_lines
 from ssld.dedup import shortlist as sl
 from ssld.dedup.extract import (
     ExtractConfig,
@@ -79,12 +80,6 @@ class DedupConfig:
             raise ValueError("set DedupConfig.flip, not extract.flip (it applies to queries only)")
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
-
-
 class _Timer:
     """Records (stage, items, seconds) of work done by this process in OUT/work/timings."""
 
@@ -103,7 +98,7 @@ class _Timer:
 
     def save(self, tag: str) -> None:
         if self.records:
-            _atomic_json(self.dir / f"{tag}-{os.getpid()}-{time.time_ns()}.json", self.records)
+            atomic_write_json(self.dir / f"{tag}-{os.getpid()}-{time.time_ns()}.json", self.records)
 
 
 def _params(cfg: DedupConfig, embeddings) -> dict:
@@ -249,7 +244,7 @@ def run_dedup(
                 f"{out} holds results of another configuration (see {ppath}); use a new --out"
             )
     else:
-        _atomic_json(ppath, params)
+        atomic_write_json(ppath, params)
     tm = _Timer(work, device)
 
     t0 = time.time()
@@ -357,8 +352,8 @@ def write_outputs(query, reference, out, cfg: DedupConfig, *, device="cpu", back
     flagged = {q_images[qi] for qi, *_ in dup}
     present = set(list_images(query))
     keep = [p for p in q_images if p in present and p not in flagged and p not in failed]
-    _write_lines(out / "keep.txt", keep)
-    _write_lines(out / "failed.txt", sorted(failed))
+    atomic_write_lines(out / "keep.txt", keep)
+    atomic_write_lines(out / "failed.txt", sorted(failed))
     pictures = _draw_pictures(query, reference, out, cfg, dup, device, backend)
     timings = _timings(work)
     if "search" in timings:
@@ -381,12 +376,6 @@ def write_outputs(query, reference, out, cfg: DedupConfig, *, device="cpu", back
     }
     (out / "report.md").write_text(_report(cfg, counts, timings, dup, q_images, r_images))
     return counts
-
-
-def _write_lines(path: Path, lines) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(f"{x}\n" for x in lines))
-    os.replace(tmp, path)
 
 
 def _timings(work: Path) -> dict:
