@@ -3,7 +3,8 @@
 # descriptor matching.
 # Usage (repository root): OUT=/some/dir bash bench/gpu_session.sh [pytest args...]
 # Env: SSLD_SKIP_TESTS=1, SSLD_SKIP_BENCH=1 (no benchmark), SSLD_SKIP_DIVERGENCE=1,
-#      SSLD_SKIP_MATCH=1, SSLD_BENCH_ARGS="--dtypes bfloat16" (divergence),
+#      SSLD_SKIP_MATCH=1, SSLD_SKIP_SELECT=1, SSLD_SKIP_TRAIN=1 (these two need timm),
+#      SSLD_TUNE=1 (write the measured backend table: python -m ssld_kernels.tune), SSLD_BENCH_ARGS="--dtypes bfloat16" (divergence),
 #      SSLD_MATCH_ARGS="--sizes 1000000x1000000 --pairs 4096" (bench_match.py),
 #      SSLD_GIT_SHA (recorded in the JSON when the tree has no .git, as on a device copy)
 # Liger-Kernel wheels, if wanted, go in .whl/ (see bench/README.md).
@@ -33,4 +34,13 @@ if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_MATCH:-0}" != "1" ]; the
   # defaults on a GPU: knn 100000x100000 and 1000000x1000000 (k=2), 4096 pairs of 512x512
   python3 bench/bench_match.py --out "$OUT/match.json" --plot ${SSLD_MATCH_ARGS:-} 2>&1 \
     | tee "$OUT/bench_match.log" | tail -80
+fi
+if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_SELECT:-0}" != "1" ]; then
+  python3 bench/bench_select.py --out "$OUT/select.json" 2>&1 | tee "$OUT/bench_select.log" | tail -10
+fi
+if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_TRAIN:-0}" != "1" ]; then
+  python3 bench/bench_train.py --out "$OUT/train.json" 2>&1 | tee "$OUT/bench_train.log" | tail -10
+fi
+if [ "${SSLD_TUNE:-0}" = "1" ]; then
+  SSLD_KERNELS_TUNE_FILE="$OUT/tune.json" python3 -m ssld_kernels.tune 2>&1 | tail -20
 fi
