@@ -8,13 +8,45 @@ Backends of the divergence loss, fastest first for each device:
 
 ``backend=None`` or ``"auto"`` reads SSLD_KERNELS_BACKEND, else picks the first backend in
 that order that is available for the tensors' device and dtypes. Everything here is resolved
-from static facts (device type, dtype, environment), never from tensor values.
+from static facts (device type and name, dtype, class count, environment), never from tensor
+values.
+
+Measured choice on GPUs (tune tables). ``python -m ssld_kernels.tune`` times the divergence op
+of each GPU backend on this GPU and writes a JSON table (format below) to
+``$SSLD_KERNELS_TUNE_FILE`` or ``~/.cache/ssld_kernels/tune-<device name>.json``. When such a
+table exists for the current GPU and this exact torch / triton / ssld_kernels version, "auto"
+for the divergence op on CUDA tensors ranks the backends by the table's times for (mode, dtype,
+class count C) and takes the fastest available one; without a table (or for C outside it, a
+dtype it lacks, the match op, CPU tensors) it keeps the static order below. An explicit
+``backend=`` or SSLD_KERNELS_BACKEND always wins over the table. The table is read once per
+device name and cached (:func:`clear_tune_cache` forgets it); a corrupt file, or one written
+for another device or version, is ignored with a :class:`TuneTableWarning`.
+``SSLD_KERNELS_TUNE_FILE=off`` disables tables.
+
+Table format (``TUNE_FORMAT`` = 1)::
+
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3", "torch": "2.5.1", "triton": "3.1.0",
+     "ssld_kernels": "0.1.0", "created": "...", "kind": "jsd", "rows": [256, 4096], ...,
+     "entries": [{"op": "divergence", "mode": "fwdbwd", "dtype": "bfloat16",
+                  "c_lo": 2024, "c_hi": 9459, "c": 4096, "backend": "triton",
+                  "ms": {"cuda": 0.123, "triton": 0.101}, "ms_by_rows": {...}}, ...]}
+
+``mode`` is "fwdbwd" (``softmax_divergence`` + autograd backward; also used for forward-only
+calls) or "fused" (``softmax_divergence_and_grad``). An entry covers ``c_lo <= C < c_hi``
+(``c_hi`` null: unbounded); ``ms`` is per backend the geometric mean over the measured row
+counts of the median time, and ``backend`` its argmin. Mixed student/teacher dtypes look up
+the wider dtype.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
+import re
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -126,12 +158,218 @@ def _op_status(op: str, device_type: str) -> dict[str, tuple[bool, str]]:
     return status
 
 
+# ----------------------------------------------------------------------------------------------
+# tune tables: measured GPU backend choice per (mode, dtype, class count)
+# ----------------------------------------------------------------------------------------------
+
+TUNE_ENV_VAR = "SSLD_KERNELS_TUNE_FILE"
+TUNE_FORMAT = 1
+TUNE_MODES = ("fwdbwd", "fused")
+_TUNE_OFF = ("off", "none", "0")
+
+
+class TuneTableWarning(UserWarning):
+    """A tune table exists but is ignored (corrupt, other device, other versions)."""
+
+
+def sanitize_device_name(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"`` (safe in a file name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "unknown"
+
+
+def tune_path(device_name: str) -> Path | None:
+    """Where the table of ``device_name`` lives: $SSLD_KERNELS_TUNE_FILE (``off``: nowhere),
+    else ``~/.cache/ssld_kernels/tune-<sanitised device name>.json``."""
+    env = os.environ.get(TUNE_ENV_VAR, "")
+    if env.strip().lower() in _TUNE_OFF:
+        return None
+    if env:
+        return Path(env).expanduser()
+    return (
+        Path.home() / ".cache" / "ssld_kernels" / f"tune-{sanitize_device_name(device_name)}.json"
+    )
+
+
+def tune_versions() -> dict[str, str | None]:
+    """The versions a table must have been measured with to be used."""
+    from ssld_kernels import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"torch": torch.__version__, "triton": triton_version, "ssld_kernels": __version__}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_entry(e) -> None:
+    if not isinstance(e, dict):
+        raise ValueError(f"entry is not an object: {e!r}")
+    for key, typ in (("op", str), ("mode", str), ("dtype", str), ("backend", str), ("ms", dict)):
+        if not isinstance(e.get(key), typ):
+            raise ValueError(f"entry lacks a {typ.__name__} {key!r}: {e!r}")
+    c_lo, c_hi = e.get("c_lo"), e.get("c_hi", None)
+    if type(c_lo) is not int or not (c_hi is None or (type(c_hi) is int and c_hi > c_lo)):
+        raise ValueError(f"entry has bad bucket bounds c_lo={c_lo!r} c_hi={c_hi!r}")
+    for name, ms in e["ms"].items():
+        if name not in BACKENDS or not isinstance(ms, (int, float)) or not math.isfinite(ms):
+            raise ValueError(f"entry has a bad time {name!r}: {ms!r}")
+    if e["backend"] not in BACKENDS:
+        raise ValueError(f"entry names an unknown backend {e['backend']!r}")
+
+
+def parse_tune_table(data, device_name: str, versions: dict) -> tuple[dict | None, str]:
+    """Validate a decoded table for ``device_name`` and ``versions``: (table, "") or
+    (None, why it is unusable)."""
+    if not isinstance(data, dict):
+        return None, "not a JSON object"
+    if data.get("format") != TUNE_FORMAT:
+        return None, f"format {data.get('format')!r}, expected {TUNE_FORMAT}"
+    if data.get("device") != device_name:
+        return None, f"measured on {data.get('device')!r}, this device is {device_name!r}"
+    for key, want in versions.items():
+        if data.get(key) != want:
+            return None, f"measured with {key} {data.get(key)!r}, this is {key} {want!r}"
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        return None, "no 'entries' list"
+    try:
+        for e in entries:
+            _check_entry(e)
+    except ValueError as e:
+        return None, str(e)
+    return data, ""
+
+
+def _read_tune_table(path: Path, device_name: str, versions: dict) -> tuple[dict | None, str]:
+    """(table, "") when usable; (None, "") when there is no file; (None, why) when unusable."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None, ""
+    except OSError as e:
+        return None, f"cannot read it ({e})"
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        return None, f"corrupt JSON ({e})"
+    return parse_tune_table(data, device_name, versions)
+
+
+def _warn_unusable(path: Path, why: str) -> None:
+    warnings.warn(
+        f"ssld_kernels: ignoring tune table {path}: {why}; rerun `python -m ssld_kernels.tune`",
+        TuneTableWarning,
+        stacklevel=3,
+    )
+
+
+def load_tune_table(path: Path, device_name: str, versions: dict | None = None) -> dict | None:
+    """The table at ``path`` if it exists and is valid for ``device_name`` and ``versions``
+    (default: this process's); None when absent; None plus a TuneTableWarning when unusable."""
+    versions = tune_versions() if versions is None else versions
+    table, why = _read_tune_table(path, device_name, versions)
+    if why:
+        _warn_unusable(path, why)
+    return table
+
+
+def lookup_tune(table: dict | None, op: str, mode: str, dtype: str, n_cols: int) -> tuple[str, ...]:
+    """Backends measured for (op, mode, dtype, C) in ``table``, fastest first; () if none.
+
+    Pure: no availability check (the caller skips unavailable backends). The first entry
+    whose bucket ``c_lo <= n_cols < c_hi`` holds wins.
+    """
+    if table is None:
+        return ()
+    for e in table["entries"]:
+        if e["op"] != op or e["mode"] != mode or e["dtype"] != dtype:
+            continue
+        if e["c_lo"] <= n_cols and (e["c_hi"] is None or n_cols < e["c_hi"]):
+            ranked = sorted(e["ms"], key=lambda name: (e["ms"][name], name != e["backend"]))
+            return tuple(ranked) if ranked else (e["backend"],)
+    return ()
+
+
+def _device_name(index: int | None) -> str | None:
+    """torch.cuda.get_device_name of CUDA device ``index`` (None: current), cached; None if
+    it cannot be queried (then no table is used)."""
+    try:
+        if index is None:
+            index = torch.cuda.current_device()
+        return _device_name_at(index)
+    except Exception:  # no driver or device: the static order applies
+        return None
+
+
 @functools.cache
-def _resolve(requested: str, device_type: str, dtypes: tuple, op: str = "divergence") -> str:
+def _device_name_at(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def _tune_table_for(device_name: str) -> tuple[dict | None, Path | None, str]:
+    """(table or None, path looked at, why unusable) for ``device_name``; read once, cached.
+    An unusable table warns (once, since cached)."""
+    path = tune_path(device_name)
+    if path is None:
+        return None, None, ""
+    table, why = _read_tune_table(path, device_name, tune_versions())
+    if why:
+        _warn_unusable(path, why)
+    return table, path, why
+
+
+def tune_table(device_name: str) -> dict | None:
+    """The cached, validated tune table of ``device_name`` (None when there is none)."""
+    return _tune_table_for(device_name)[0]
+
+
+def clear_tune_cache() -> None:
+    """Forget loaded tune tables and cached resolutions (after writing a new table)."""
+    _tune_table_for.cache_clear()
+    _resolve.cache_clear()
+
+
+def _tune_dtype(dtypes: tuple) -> torch.dtype:
+    """The dtype a table is looked up with: the widest of the inputs' (first on ties)."""
+    return max(dtypes, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 0)
+
+
+def _auto_order(
+    op: str, device_type: str, dtypes: tuple, n_cols: int | None, mode: str, index: int | None
+) -> tuple[str, ...]:
+    if device_type == "cpu":
+        return ("cpu", "torch")
+    order = GPU_AUTO_ORDER[op]
+    if op == "divergence" and device_type == "cuda" and n_cols is not None and dtypes:
+        device_name = _device_name(index)
+        if device_name is not None:
+            table = tune_table(device_name)
+            key = dtype_name(_tune_dtype(dtypes))
+            ranked = lookup_tune(table, op, mode, key, n_cols)
+            order = ranked + tuple(name for name in order if name not in ranked)
+    return order
+
+
+@functools.cache
+def _resolve(
+    requested: str,
+    device_type: str,
+    dtypes: tuple,
+    op: str = "divergence",
+    n_cols: int | None = None,
+    mode: str = "fwdbwd",
+    index: int | None = None,
+) -> str:
     status = _op_status(op, device_type)
     if requested == "auto":
-        order = ("cpu", "torch") if device_type == "cpu" else GPU_AUTO_ORDER[op]
-        for name in order:
+        for name in _auto_order(op, device_type, dtypes, n_cols, mode, index):
             if status[name][0] and all(supports_dtype(name, d, op) for d in dtypes):
                 return name
         return "torch"
@@ -149,22 +387,43 @@ def _resolve(requested: str, device_type: str, dtypes: tuple, op: str = "diverge
 
 
 @torch.compiler.assume_constant_result
-def _resolve_static(backend: str | None, device_type: str, dtypes: tuple, op: str) -> str:
+def _resolve_static(
+    backend: str | None,
+    device_type: str,
+    dtypes: tuple,
+    op: str,
+    n_cols: int | None = None,
+    mode: str = "fwdbwd",
+    index: int | None = None,
+) -> str:
     if backend is None:  # the environment is a preference: ops without that backend use auto
         backend = os.environ.get(ENV_VAR, "auto").lower() or "auto"
         if backend in BACKENDS and backend not in OP_BACKENDS[op]:
             backend = "auto"
-    return _resolve(backend.lower(), device_type, dtypes, op)
+    return _resolve(backend.lower(), device_type, dtypes, op, n_cols, mode, index)
 
 
 def resolve_backend(
-    backend: str | None, device: torch.device, dtypes: tuple, op: str = "divergence"
+    backend: str | None,
+    device: torch.device,
+    dtypes: tuple,
+    op: str = "divergence",
+    n_cols: int | None = None,
+    mode: str = "fwdbwd",
 ) -> str:
     """Pick the backend of ``op`` for tensors on ``device`` with ``dtypes`` (static facts only).
 
+    ``n_cols`` (the class count C) and ``mode`` ("fwdbwd" or "fused") let "auto" use a tune
+    table on CUDA tensors; without ``n_cols`` the static order applies. A symbolic C (dynamic
+    shapes under torch.compile) is not specialised on: it counts as unknown.
     torch.compile evaluates this once while tracing and bakes the answer into the graph.
     """
-    return _resolve_static(backend, device.type, tuple(dtypes), op)
+    if mode not in TUNE_MODES:
+        raise ValueError(f"mode must be one of {TUNE_MODES}, got {mode!r}")
+    index = device.index
+    if type(n_cols) is not int or device.type != "cuda" or op != "divergence":
+        n_cols, mode, index = None, "fwdbwd", None  # no table applies: one cache entry
+    return _resolve_static(backend, device.type, tuple(dtypes), op, n_cols, mode, index)
 
 
 def describe() -> str:
@@ -189,7 +448,32 @@ def describe() -> str:
     lines.append(f"  {ENV_VAR}={os.environ.get(ENV_VAR, '') or '(unset: auto)'}")
     for name, (ok, why) in backend_status(None).items():
         lines.append(f"  {name:7s} {'available' if ok else 'missing'}{'' if ok else ': ' + why}")
+    lines.append("  " + _describe_tune())
     for op in OP_BACKENDS:
         usable = [n for n, (ok, _) in _op_status(op, "cpu").items() if ok]
         lines.append(f"  {op} on CPU tensors: {', '.join(usable)}")
     return "\n".join(lines)
+
+
+def _describe_tune() -> str:
+    env = os.environ.get(TUNE_ENV_VAR, "")
+    if env and env.strip().lower() in _TUNE_OFF:
+        return f"tune table: disabled ({TUNE_ENV_VAR}={env})"
+    if not torch.cuda.is_available():
+        return "tune table: unused (no CUDA device; run `python -m ssld_kernels.tune` on a GPU)"
+    name = _device_name(None)
+    if name is None:
+        return "tune table: unused (the CUDA device name cannot be queried)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuneTableWarning)
+        table, path, why = _tune_table_for(name)
+    if table is not None:
+        return (
+            f"tune table: loaded from {path} ({len(table['entries'])} entries for {name}); "
+            "auto picks the measured GPU divergence backend"
+        )
+    state = f"ignored ({why})" if why else "none"
+    return (
+        f"tune table: {state} at {path} for {name}; static GPU order "
+        "(`python -m ssld_kernels.tune` writes one)"
+    )

@@ -265,7 +265,16 @@ def _check_logits_arg(name: str, x) -> None:
 
 
 def _prepare(
-    student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
+    student_logits,
+    teacher_logits,
+    kind,
+    beta,
+    temperature,
+    reduction,
+    weight,
+    mask,
+    backend,
+    mode="fwdbwd",
 ):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         _check_logits_arg(name, x)
@@ -287,8 +296,9 @@ def _prepare(
             f"teacher_logits is {t.dtype}"
         )
     weight, mask, spec, lead = _prepare_options(s, kind, beta, temperature, reduction, weight, mask)
-    name = resolve_backend(backend, s.device, (s.dtype, t.dtype))
     c = s.shape[-1]
+    # C and the mode ("fwdbwd" autograd path / "fused") select a tune-table entry on GPUs
+    name = resolve_backend(backend, s.device, (s.dtype, t.dtype), n_cols=c, mode=mode)
     s2, t2 = _rows(s, c), _rows(t, c)
     return s2, t2, weight, mask, spec, lead, name
 
@@ -439,7 +449,16 @@ def softmax_divergence_and_grad(
             with_grad=True,
         )
     s, t, w, m, spec, lead, name = _prepare(
-        student_logits, teacher_logits, kind, beta, temperature, reduction, weight, mask, backend
+        student_logits,
+        teacher_logits,
+        kind,
+        beta,
+        temperature,
+        reduction,
+        weight,
+        mask,
+        backend,
+        mode="fused",
     )
     s, t = s.detach(), t.detach()
     grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
