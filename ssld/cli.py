@@ -507,7 +507,8 @@ def _cmd_demo(args) -> int:
         except ImportError:
             raise UsageError(f"the demo needs {pkg}: pip install {pkg}") from None
     run_demo(args.out, str(device), args.seeds, args.quick, args.ablation)
-    print(f"results: {os.path.join(args.out, 'report.md')}")
+    report = "ablation.md" if args.ablation else "report.md"
+    print(f"results: {os.path.join(args.out, report)}")
     return 0
 
 

@@ -454,7 +454,15 @@ def _ablation_report(out: Path, results: dict) -> None:
         lines += ["| setting | student top-1 |", "|---|---|"]
         lines += [f"| {x['value']} | {x['top1']:.2f} ± {x['top1_std']:.2f} |" for x in r["rows"]]
         verdict = "reproduced" if r["reproduced"] else "NOT reproduced at this scale"
-        lines += ["", f"Paper's claim: {r['claim']}. Here: **{verdict}**.", ""]
+        means = [x["top1"] for x in r["rows"]]
+        spread, noise = max(means) - min(means), max(x["top1_std"] for x in r["rows"])
+        caveat = (
+            f" The means differ by {spread:.2f} points, less than the seed-to-seed std "
+            f"({noise:.2f}): not significant at {results['seeds']} seeds."
+            if spread < noise
+            else ""
+        )
+        lines += ["", f"Paper's claim: {r['claim']}. Here: **{verdict}**.{caveat}", ""]
         if plt is not None:
             fig, ax = plt.subplots(figsize=(5, 3))
             xs = [str(x["value"]) for x in r["rows"]]
