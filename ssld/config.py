@@ -3,6 +3,16 @@
 A recipe is YAML with the sections below; every key is checked (unknown keys, wrong types and
 impossible values are errors naming the key) before any work starts. Overrides use dotted
 keys: ``ssld train --config configs/demo_tiny.yaml optim.lr=0.05 run.out=runs/x``.
+
+Teacher-output cache (beyond the paper; ``data.crop_replay``, ``data.teacher_cache``,
+``data.cache_topm``, ``data.cache_dtype``): with ``crop_replay = R >= 1`` every image has R
+augmented views and epoch e crops/flips it exactly as epoch ``e % R`` did; with a cache folder
+the teacher's top-m probabilities (at the loss temperature) of each (image, view) are stored
+on disk, so from epoch R on the teacher forward is skipped and the loss takes the sparse
+teacher (``ssld_kernels.SparseTeacher``, the remainder spread uniformly). With the cache on,
+every step distils from the stored form (also in the step that computes it), so a run's
+numbers do not depend on what the cache already holds; ``cache_topm`` = number of classes with
+``cache_dtype: float32`` reproduces the uncached loss (see ``ssld.train.teacher_cache``).
 """
 
 from __future__ import annotations
@@ -49,6 +59,11 @@ class DataConfig:
     workers: int = 8
     synthetic: bool = False  # random uint8 batches already on the device: throughput only
     synthetic_size: int = 1281167
+    # crop replay and the teacher-output cache (module docstring; ssld.train.teacher_cache)
+    crop_replay: int = 0  # R >= 1: epoch e uses the crops/flips of epoch e % R (0: all differ)
+    teacher_cache: str | None = None  # folder of the cache (None: off); needs crop_replay >= 1
+    cache_topm: int = 10  # m: teacher probabilities kept per (image, view); m <= classes
+    cache_dtype: str = "float16"  # float16 | float32 (float32 + m = classes: exact loss)
 
 
 @dataclass(frozen=True)
@@ -122,6 +137,7 @@ class TrainConfig:
 _CHOICES = {
     ("loss", "kind"): ("jsd", "sym_kl", "kl"),
     ("run", "amp"): ("bf16", "fp16", "none"),
+    ("data", "cache_dtype"): ("float16", "float32"),
 }
 
 
@@ -220,6 +236,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         ("loss.ce_weight", cfg.loss.ce_weight),
         ("loss.kd_weight", cfg.loss.kd_weight),
         ("run.eval_every", cfg.run.eval_every),
+        ("data.crop_replay", cfg.data.crop_replay),
     ]
     for key, value in nonneg:
         if value < 0:
@@ -261,6 +278,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             path = getattr(cfg.data, key)
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"data.{key} must be a folder with class subfolders: {path}")
+    _validate_cache(cfg)
     for key in ("student", "teacher"):
         w = getattr(cfg, key).weights
         if w is not None and not Path(w).is_file():
@@ -268,8 +286,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _validate_cache(cfg: TrainConfig) -> None:
+    d = cfg.data
+    if d.cache_topm < 1:
+        raise ConfigError(f"data.cache_topm must be >= 1, got {d.cache_topm}")
+    if d.teacher_cache is None:
+        return
+    if not d.teacher_cache:
+        raise ConfigError("data.teacher_cache must be a folder or null")
+    if d.crop_replay < 1:
+        raise ConfigError(
+            "data.teacher_cache needs data.crop_replay >= 1 (the number of augmented views per "
+            "image whose teacher outputs are cached)"
+        )
+    if d.autoaugment:
+        raise ConfigError(
+            "data.teacher_cache cannot be combined with data.autoaugment (its randomness is "
+            "not replayed, so cached teacher outputs would not match the student's input)"
+        )
+    if d.synthetic:
+        raise ConfigError("data.teacher_cache needs real data (data.synthetic is true)")
+    if cfg.loss.kd_weight == 0:
+        raise ConfigError("data.teacher_cache is set but loss.kd_weight is 0 (no teacher)")
+    if Path(d.teacher_cache).exists() and not Path(d.teacher_cache).is_dir():
+        raise ConfigError(f"data.teacher_cache must be a folder: {d.teacher_cache}")
+
+
 def finetune_config(cfg: TrainConfig) -> TrainConfig:
-    """The configuration of the finetuning stage derived from a training recipe."""
+    """The configuration of the finetuning stage derived from a training recipe (a teacher
+    cache moves to ``data.teacher_cache + "-finetune"``: T alone is another dataset)."""
     f = cfg.finetune
     if cfg.data.train is None and not cfg.data.synthetic:
         raise ConfigError("finetuning needs data.train (the labeled set T)")
@@ -283,6 +328,9 @@ def finetune_config(cfg: TrainConfig) -> TrainConfig:
             "optim.lr": None,
             "optim.warmup_epochs": f.warmup_epochs,
             "run.out": f.out or cfg.run.out.rstrip("/") + "-finetune",
+            "data.teacher_cache": (
+                cfg.data.teacher_cache.rstrip("/") + "-finetune" if cfg.data.teacher_cache else None
+            ),
         },
     )
 

@@ -2,9 +2,11 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -240,3 +242,198 @@ def test_pieces():
     assert 0 <= y and y + h <= 100 and 0 <= x and x + w <= 80
     with pytest.raises(FileNotFoundError):
         ckpt.load("/nonexistent.pt")
+
+
+# ---- teacher-output cache (data.teacher_cache, data.crop_replay) ----
+
+
+class _Killed(Exception):
+    pass
+
+
+def _cache_run(digits, out, cache=None, kill_at=None, **extra):
+    """3 epochs of T only (22 steps each, 15 images dropped per epoch) at 16 px, views replayed
+    with R=1; returns (trainer, losses by step, epochs of the teacher's forward calls).
+    ``kill_at``: raise from the teacher forward of that step (a crash: no final checkpoint)."""
+    o = {
+        "data.unlabeled": "null",
+        "data.val": "null",
+        "data.input_size": 16,
+        "run.channels_last": False,
+        "data.crop_replay": 1,
+        "optim.epochs": 3,
+        "optim.base_lr": 0.04,
+    }
+    if cache is not None:
+        o["data.teacher_cache"] = cache
+    o.update(extra)
+    resume = o.pop("resume", False)
+    tr = Trainer(_cfg(digits, out, **o), resume=resume, log=None)
+    calls = []
+    forward = tr.teacher.forward
+
+    def counted(*args, **kwargs):
+        if tr.step + 1 == kill_at:
+            raise _Killed
+        calls.append(tr.epoch)
+        return forward(*args, **kwargs)
+
+    tr.teacher.forward = counted
+    try:
+        tr.fit()
+    except _Killed:
+        pass
+    return tr, _losses(out), calls
+
+
+def _rel(a, b):
+    return max(abs(a[s] - b[s]) / abs(a[s]) for s in a)
+
+
+def test_teacher_cache_skips_the_teacher_and_keeps_the_loss(digits, tmp_path):
+    _, plain, calls = _cache_run(digits, tmp_path / "plain")
+    assert len(plain) == 66 and len(calls) == 66  # uncached: a teacher forward every step
+    # m = C and float32 rows: the sparse teacher is exact, the loss equals the uncached one
+    cache = tmp_path / "cache32"
+    tr, exact, calls = _cache_run(
+        digits, tmp_path / "c32", cache, **{"data.cache_dtype": "float32"}
+    )
+    assert set(exact) == set(plain)
+    assert _rel(plain, exact) < 1e-5, _rel(plain, exact)
+    # epoch 1 fills the cache (22 batches + the 15 images drop_last left out); epochs 2..3
+    # never run the teacher
+    assert calls == [0] * 23 and tr.teacher_forwards == 23
+    filled = np.load(cache / "filled.npy")
+    assert filled.shape == (719, 1) and filled.all()
+    rec = [json.loads(x) for x in open(tmp_path / "c32" / "metrics.jsonl") if '"train"' in x]
+    assert [r["cached"] for r in rec] == [0.0] * 22 + [1.0] * 44
+    assert all(r["agree"] >= 0 for r in rec)
+    probs, ids = np.load(cache / "probs.npy"), np.load(cache / "index.npy")
+    assert probs.dtype == np.float32 and ids.dtype == np.int32 and probs.shape == (719, 1, 10)
+    assert np.allclose(probs.sum(-1), 1, atol=1e-5) and (np.diff(probs, axis=-1) <= 0).all()
+    assert (np.sort(ids, -1) == np.arange(10)).all()
+    # a second run over the full cache: no teacher forward at all, the same numbers exactly
+    tr, again, calls = _cache_run(
+        digits, tmp_path / "again", cache, **{"data.cache_dtype": "float32"}
+    )
+    assert calls == [] and tr.teacher_forwards == 0
+    assert again == exact
+    # float16 rows (the default) at m = C: rounding only; top-3 of a near-uniform teacher:
+    # close (the remainder is spread uniformly)
+    _, half, _ = _cache_run(digits, tmp_path / "c16", tmp_path / "cache16")
+    assert _rel(plain, half) < 2e-3, _rel(plain, half)
+    _, top3, calls = _cache_run(
+        digits, tmp_path / "c3", tmp_path / "cache3", **{"data.cache_topm": 3}
+    )
+    assert set(calls) == {0}
+    mean = sum(plain.values()) / len(plain)
+    assert abs(sum(top3.values()) / len(top3) - mean) < 0.1 * mean
+
+
+def test_teacher_cache_resume_and_refusals(digits, tmp_path):
+    f32 = {"data.cache_dtype": "float32", "run.ckpt_every": 4}
+    _, full, _ = _cache_run(digits, tmp_path / "full", tmp_path / "cache_full", **f32)
+    # a run killed in step 11 of epoch 1 (last checkpoint at step 8; rows of steps 9..10
+    # already written, rows of steps 3..4 lost), resumed, stopped in epoch 2 and resumed: the
+    # same losses and weights as the uninterrupted run
+    part, cache = tmp_path / "part", tmp_path / "cache_part"
+    tr, _, _ = _cache_run(digits, part, cache, kill_at=11, **f32)
+    assert tr.step == 10 and ckpt.load(part / "last.pt")["step"] == 8
+    filled = np.load(cache / "filled.npy", mmap_mode="r+")
+    written = int(filled.sum()) // 32  # 10 on the CPU (rows are written after every step)
+    assert 8 <= written <= 10 and filled.sum() == written * 32  # >= the checkpoint's 8
+    lost = [i for i, _ in list(tr.sampler)[2 * 32 : 4 * 32]]
+    filled[lost] = 0
+    filled.flush()
+    del filled
+    s = ResumableSampler(719, 32)
+    s.set_epoch(1)
+    keys = [i for i, _ in s]
+    need = [bool(set(keys[b * 32 : (b + 1) * 32]) & set(lost)) for b in range(22)]
+    tr, _, calls = _cache_run(digits, part, cache, **{"run.max_steps": 30, "resume": True}, **f32)
+    # epoch 1: steps 9..10 from the cache, steps 11..22 and the dropped images need the
+    # teacher; epoch 2: the batches with a lost row
+    assert calls == [0] * (22 - written + 1) + [1] * sum(need[:8])
+    tr, _, calls = _cache_run(digits, part, cache, **{"resume": True}, **f32)
+    tail = bool(set(s.dropped()) & set(lost))  # lost rows among epoch 2's dropped images
+    assert calls == [1] * (sum(need[8:]) + tail)  # epoch 3: every row cached
+    assert np.load(cache / "filled.npy").all()
+    got = _losses(part)
+    assert set(got) == set(range(1, 67)) and all(got[s] == full[s] for s in full)
+    wa = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(part / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # the cache may move between a run and its resumption; switching it off may not
+    tr = _cache_run(digits, part, tmp_path / "moved", **{"resume": True}, **f32)[0]
+    assert tr.step == 66
+    with pytest.raises(ConfigError, match="another configuration"):
+        _cache_run(digits, part, None, **{"resume": True}, **f32)
+    # a cache built for another teacher, dataset, transform or format is refused
+    cases = [
+        ({"teacher.kwargs": "{seed: 3}"}, "another teacher (teacher.kwargs"),
+        ({"data.unlabeled": digits["unlabeled"]}, "another dataset"),
+        ({"data.min_scale": 0.5}, "another transform (data.min_scale"),
+        ({"loss.temperature": 2.0}, "another format (loss.temperature"),
+        ({"data.cache_dtype": "float16"}, "another format (data.cache_dtype"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            _cache_run(digits, tmp_path / "other", tmp_path / "cache_full", **{**f32, **extra})
+    # configuration errors
+    cases = [
+        ({"data.crop_replay": 0}, "data.teacher_cache needs data.crop_replay >= 1"),
+        ({"data.autoaugment": True}, "cannot be combined with data.autoaugment"),
+        ({"data.cache_topm": 0}, "data.cache_topm must be >= 1"),
+        ({"data.cache_dtype": "bfloat16"}, "data.cache_dtype must be one of"),
+        ({"loss.kd_weight": 0, "loss.ce_weight": 1}, "loss.kd_weight is 0"),
+    ]
+    for extra, needle in cases:
+        over = {"data.teacher_cache": tmp_path / "c", "data.crop_replay": 1, **extra}
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            _cfg(digits, tmp_path / "x", **over)
+    with pytest.raises(ConfigError, match="data.cache_topm=11 exceeds the 10 classes"):
+        _cache_run(digits, tmp_path / "y", tmp_path / "c11", **{"data.cache_topm": 11})
+    # finetuning (T only: another dataset) gets its own cache folder
+    cfg = _cfg(
+        digits, tmp_path / "z", **{"data.teacher_cache": tmp_path / "c", "data.crop_replay": 1}
+    )
+    assert finetune_config(cfg).data.teacher_cache == str(tmp_path / "c") + "-finetune"
+
+
+def test_crop_replay_views(digits, tmp_path):
+    tr = Trainer(_cfg(digits, tmp_path / "r", **{"data.crop_replay": 2}), log=None)
+    ds = tr.trainset
+    img0, _, ok, index = ds[(5, 0)]
+    assert ok and index == 5
+    assert torch.equal(ds[(5, 2)][0], img0) and torch.equal(ds[(5, 4)][0], img0)
+    assert not torch.equal(ds[(5, 1)][0], img0)
+    s = ResumableSampler(100, 8, 2, 1, seed=3)
+    kept = {i for i, _ in s} | {i for i, _ in ResumableSampler(100, 8, 2, 0, seed=3)}
+    dropped = set(s.dropped()) | set(ResumableSampler(100, 8, 2, 0, seed=3).dropped())
+    assert len(dropped) == 4 and not kept & dropped and len(kept | dropped) == 100
+
+
+def test_two_process_gloo_ddp_teacher_cache(digits, tmp_path):
+    """Two ranks write disjoint rows (their batch shares and dropped images) of one cache:
+    after epoch 1 every row is filled and epoch 2 runs no teacher forward on either rank."""
+    out, cache = tmp_path / "ddp", tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += ["--standalone", "-m", "ssld", "train"]
+    extra = {
+        "data.unlabeled": "null",
+        "data.val": "null",
+        "data.input_size": 16,
+        "data.crop_replay": 1,
+        "data.teacher_cache": cache,
+        "optim.epochs": 2,
+    }
+    cmd += _overrides(digits, out, **extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert np.load(cache / "filled.npy").all()
+    rec = [json.loads(x) for x in open(out / "metrics.jsonl") if '"train"' in x]
+    assert [r["cached"] for r in rec] == [0.0] * 22 + [1.0] * 22
+    # each rank: 22 micro-batches and its share of the 15 dropped images in epoch 1, none after
+    results = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert [r["teacher_forwards"] for r in results] == [23, 23]

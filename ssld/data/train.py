@@ -105,13 +105,22 @@ class TrainTransform:
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """T ∪ U: items ``(uint8 (3, S, S), label (-1 for U), ok)`` for keys ``(index, epoch)``.
+    """T ∪ U: items ``(uint8 (3, S, S), label (-1 for U), ok, index)`` for keys
+    ``(index, epoch)``; with a teacher cache reader also ``(filled, probs, class ids)``, the
+    cached teacher row of the item's view (zeros where not filled), read in the worker.
 
     An unreadable file gives a zero image with ok=False (the loss masks it out), so a broken
-    file never stops a 360-epoch run.
+    file never stops a 360-epoch run. ``replay = R >= 1`` makes epoch e use the crop/flip of
+    epoch ``e % R`` (the view; R distinct augmented views per image); 0 turns replay off.
     """
 
-    def __init__(self, sources: list[tuple[Path, list[str], list[int]]], transform):
+    def __init__(
+        self,
+        sources: list[tuple[Path, list[str], list[int]]],
+        transform,
+        replay: int = 0,
+        cache=None,
+    ):
         self.roots, self.paths, self.labels, self.source = [], [], [], []
         for s, (root, paths, labels) in enumerate(sources):
             self.roots.append(Path(root))
@@ -119,18 +128,25 @@ class TrainSet(torch.utils.data.Dataset):
             self.labels += labels
             self.source += [s] * len(paths)
         self.transform = transform
+        self.replay = replay
+        self.cache = cache  # an object with read(index, view) -> (filled, probs, ids), or None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def view(self, epoch: int) -> int:
+        """The augmentation epoch (view) of ``epoch``: ``epoch % replay`` when replaying."""
+        return epoch % self.replay if self.replay else epoch
+
     def __getitem__(self, key):
         index, epoch = key
+        view = self.view(epoch)
         size = self.transform.size
         rgb = read_rgb(self.roots[self.source[index]] / self.paths[index])
         ok = rgb is not None
         if ok:
             try:
-                rgb = self.transform(rgb, epoch, index)
+                rgb = self.transform(rgb, view, index)
             except Exception:  # noqa: BLE001 - degenerate files count as unreadable
                 ok = False
         img = (
@@ -138,7 +154,10 @@ class TrainSet(torch.utils.data.Dataset):
             if ok
             else torch.zeros(3, size, size, dtype=torch.uint8)
         )
-        return img, self.labels[index], ok
+        item = (img, self.labels[index], ok, index)
+        if self.cache is not None:
+            item += tuple(self.cache.read(index, view))
+        return item
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -170,9 +189,16 @@ class ResumableSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * (self.B // self.world)
 
-    def __iter__(self):
+    def _perm(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=gen)[: self.batches_per_epoch * self.B]
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self):
+        perm = self._perm()[: self.batches_per_epoch * self.B]
         mine = perm.view(-1, self.B)[self.start_batch :, self.rank :: self.world].reshape(-1)
         for i in mine.tolist():
             yield (i, self.epoch)
+
+    def dropped(self) -> list[int]:
+        """This rank's share of the indices the current epoch leaves out (``drop_last``)."""
+        return self._perm()[self.batches_per_epoch * self.B :][self.rank :: self.world].tolist()

@@ -15,6 +15,15 @@ the device and read every ``run.log_every`` steps, phase times come from CUDA ev
 the same moments. Checkpoints every ``run.ckpt_every`` steps and at each epoch end,
 atomically; ``resume=True`` continues from the exact step (same batches, same augmentation,
 same RNG).
+
+Teacher-output cache (``data.teacher_cache``, ``data.crop_replay = R``; see
+:mod:`ssld.train.teacher_cache`): the DataLoader workers also return each item's index and its
+cached teacher row (top-m probabilities at the loss temperature) for the view ``epoch % R``.
+A micro-batch whose rows are all filled (decided on the host) skips the teacher forward; the
+others run it and queue their new rows (copied to pinned host memory without a sync, written
+once complete, at the latest at the next log interval or checkpoint). Either way the loss
+takes the stored rows as a ``SparseTeacher``. At each epoch end the teacher also fills the
+rows of the images ``drop_last`` left out, so from epoch R on no batch needs the teacher.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +46,7 @@ from ssld.data import EvalTransform, ImageList, Normalize, worker_init
 from ssld.data.train import ResumableSampler, TrainSet, TrainTransform, class_folder, unlabeled_list
 from ssld.teacher import TeacherError, load_model
 from ssld.train import checkpoint as ckpt
+from ssld.train import teacher_cache as tcache
 from ssld.train.metrics import PHASES, Meters, RunLog, StepTimer
 
 # config keys that may differ between a run and its resumption
@@ -85,6 +96,7 @@ class Trainer:
         self.build_distributed()
         self.build_data()
         self.build_models()
+        self.build_cache()
         self.build_optimizer()
         self.build_schedule()
         self.runlog = RunLog(self.out, enabled=self.rank == 0)
@@ -148,7 +160,7 @@ class Trainer:
             if not sources:
                 raise C.ConfigError("finetuning needs data.train (the labeled set T)")
             tf = TrainTransform(d.input_size, d.min_scale, d.hflip, run.seed)
-            self.trainset = TrainSet(sources, tf)
+            self.trainset = TrainSet(sources, tf, replay=d.crop_replay)
             self.sampler = ResumableSampler(
                 len(self.trainset), run.batch_size, self.world, self.rank, run.seed
             )
@@ -247,6 +259,26 @@ class Trainer:
                 f"data.train has {len(self.classes)} classes but the models have {ys.shape[1]}"
             )
 
+    def build_cache(self) -> None:
+        """The teacher-output cache (data.teacher_cache), or None."""
+        d = self.cfg.data
+        self.cache = None
+        self.teacher_forwards = 0  # teacher forwards in training (cached batches skip it)
+        self._cache_counts = [0, 0]  # micro-batches served from the cache, all (log interval)
+        if d.teacher_cache is None:
+            return
+        if d.cache_topm > self.num_classes:
+            raise C.ConfigError(
+                f"data.cache_topm={d.cache_topm} exceeds the {self.num_classes} classes of the "
+                "models"
+            )
+        meta = tcache.build_meta(self.cfg, self.trainset, self.num_classes)
+        self.cache = tcache.TeacherCache(
+            d.teacher_cache, meta, rank=self.rank, world=self.world, log=self.log
+        )
+        # the DataLoader holds this dataset; its workers start at the first iteration
+        self.trainset.cache = self.cache.reader()
+
     def build_optimizer(self) -> None:
         o = self.cfg.optim
         self.peak_lr = o.lr if o.lr is not None else o.base_lr * self.cfg.run.batch_size / 256
@@ -282,6 +314,8 @@ class Trainer:
         }
 
     def save_checkpoint(self, name: str = "last.pt") -> None:
+        if self.cache is not None:  # every rank: its queued rows, then msync
+            self.cache.flush()
         if self.rank == 0:
             ckpt.save(self.out / name, self.state())
 
@@ -294,6 +328,10 @@ class Trainer:
             for k in new[sec]
             if old.get(sec, {}).get(k) != new[sec][k] and (sec, k) not in RESUMABLE_CHANGES
         ]
+        if "data.teacher_cache" in diff and old.get("data", {}).get("teacher_cache"):
+            # the cache may move: a cached run's numbers do not depend on its contents
+            if new["data"]["teacher_cache"] is not None:
+                diff.remove("data.teacher_cache")
         if diff or st.get("mode") != self.mode:
             raise C.ConfigError(
                 f"{path} was written with another configuration ({', '.join(diff[:4]) or 'mode'})"
@@ -313,7 +351,8 @@ class Trainer:
     # ---- the step ----
 
     def _batches(self):
-        """(uint8 images, labels, ok) micro-batches of this rank from the current position."""
+        """(uint8 images, labels, ok, ...) micro-batches of this rank from the current
+        position; loader batches also hold (indices[, filled, probs, ids]) (TrainSet)."""
         if self.loader is None:  # synthetic: one random batch reused, already on the device
             s = self.cfg.data.input_size
             gen = torch.Generator().manual_seed(self.cfg.run.seed)
@@ -337,8 +376,15 @@ class Trainer:
             x = (x * 255.0).clamp(0, 255)
         return self.normalize(x)
 
-    def _micro_step(self, imgs, labels, ok, meters, timer, last: bool):
+    def _micro_step(self, batch, meters, timer, last: bool):
         cfg, L = self.cfg, self.cfg.loss
+        imgs, labels, ok = batch[:3]
+        cached = batch[4:] if self.cache is not None else None  # (filled, probs, ids)
+        run_teacher = L.kd_weight > 0
+        if cached is not None:
+            run_teacher = not bool(cached[0].all())  # host tensor: no device sync
+            self._cache_counts[0] += not run_teacher
+            self._cache_counts[1] += 1
         amp = torch.autocast(
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
@@ -348,10 +394,8 @@ class Trainer:
         labels = labels.to(self.device, non_blocking=True)
         ok = ok.to(self.device, non_blocking=True)
         t_logits = None
-        if L.kd_weight > 0:
-            teacher_ctx = torch.no_grad() if cfg.teacher.bn_train else torch.inference_mode()
-            with teacher_ctx, amp:
-                t_logits = self.teacher(x)
+        if run_teacher:
+            t_logits = self._teacher_forward(x, amp)
         timer.mark("teacher")
         sync = (
             self.student.no_sync()
@@ -371,8 +415,16 @@ class Trainer:
                 ce = (ce * has).sum() / has.sum().clamp(min=1)
                 total = L.ce_weight * ce / accum
             loss = ce
-            if t_logits is not None:
+            sparse = None
+            if cached is not None:  # the stored rows (new ones queued for the cache)
+                sparse = self._sparse_teacher(batch[3], cached, t_logits)
+            if sparse is not None:
+                t = sparse
+            elif t_logits is not None:
                 t = t_logits.clone() if t_logits.is_inference() else t_logits
+            else:
+                t = None
+            if t is not None:
                 div = dict(kind=L.kind, beta=L.beta, temperature=L.temperature, mask=ok)
                 if L.fused:  # loss and gradient from one kernel; a surrogate carries the grad
                     loss, grad = sk.softmax_divergence_and_grad(s_logits.detach(), t, **div)
@@ -387,10 +439,64 @@ class Trainer:
         meters.add("loss", loss)
         if ce is not None:
             meters.add("ce", ce)
-        if t_logits is not None:
-            agree = (s_logits.detach().argmax(1) == t_logits.argmax(1)) & ok
+        if sparse is not None or t_logits is not None:
+            t_top = sparse.index[:, 0] if sparse is not None else t_logits.argmax(1)
+            agree = (s_logits.detach().argmax(1) == t_top) & ok
             meters.add("agree", agree.sum())
         meters.add("images", ok.sum())
+
+    def _teacher_forward(self, x, amp):
+        ctx = torch.no_grad() if self.cfg.teacher.bn_train else torch.inference_mode()
+        with ctx, amp:
+            t_logits = self.teacher(x)
+        self.teacher_forwards += 1
+        return t_logits
+
+    def _sparse_teacher(self, indices, cached, t_logits):
+        """SparseTeacher of a micro-batch from its cached rows, and from ``t_logits`` (top-m
+        at the loss temperature) where not filled; new rows are queued for the cache."""
+        filled, probs, ids = cached
+        view = self.epoch % self.cfg.data.crop_replay
+        if t_logits is None:  # every row filled
+            probs = probs.to(self.device, non_blocking=True)
+            ids = ids.to(self.device, non_blocking=True)
+        else:
+            L = self.cfg.loss
+            fresh_p, fresh_i = tcache.sparse_rows(
+                t_logits, self.cache.topm, L.temperature, self.cache.dtype
+            )
+            self.cache.put(indices.numpy(), view, (~filled).numpy(), fresh_p, fresh_i)
+            if bool(filled.any()):  # keep the stored rows: the first computed value wins
+                f = filled.to(self.device, non_blocking=True)[:, None]
+                fresh_p = torch.where(f, probs.to(self.device, non_blocking=True), fresh_p)
+                fresh_i = torch.where(f, ids.to(self.device, non_blocking=True), fresh_i)
+            probs, ids = fresh_p, fresh_i
+        return sk.SparseTeacher(probs, ids, remainder="uniform", validate=False)
+
+    @torch.no_grad()
+    def _fill_dropped(self) -> None:
+        """Teacher rows of the images this epoch left out (drop_last; this rank's share), so
+        that a later epoch with the same view finds all rows of its batches filled."""
+        if self.cache is None or self.loader is None:
+            return
+        view = self.epoch % self.cfg.data.crop_replay
+        self.cache.drain(block=True)
+        dropped = np.asarray(self.sampler.dropped(), dtype=np.int64)
+        todo = dropped[~self.cache.is_filled(dropped, view)].tolist()
+        amp = torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        )
+        L = self.cfg.loss
+        for k in range(0, len(todo), self.micro_batch):
+            chunk = todo[k : k + self.micro_batch]
+            if self.cfg.teacher.bn_train and len(chunk) < 2:
+                continue  # batch statistics of one image; filled when a batch needs it
+            imgs = torch.stack([self.trainset[(i, self.epoch)][0] for i in chunk])
+            t_logits = self._teacher_forward(self._inputs(imgs), amp)
+            p, ids = tcache.sparse_rows(t_logits, self.cache.topm, L.temperature, self.cache.dtype)
+            self.cache.put(np.asarray(chunk), view, np.ones(len(chunk), bool), p, ids)
 
     def _optimizer_step(self, timer) -> None:
         self.scaler.step(self.optimizer)
@@ -429,17 +535,19 @@ class Trainer:
                 self.student.train()
                 accum_i = 0
                 t_data = time.perf_counter()
-                for imgs, labels, ok in self._batches():
+                for batch in self._batches():
                     timer.data(time.perf_counter() - t_data)
                     if accum_i == 0:
                         timer.start()
                     accum_i += 1
                     last = accum_i == cfg.run.grad_accum
-                    self._micro_step(imgs, labels, ok, meters, timer, last)
-                    images_since += len(imgs) * self.world
+                    self._micro_step(batch, meters, timer, last)
+                    images_since += len(batch[0]) * self.world
                     if last:
                         accum_i = 0
                         self._optimizer_step(timer)
+                        if self.cache is not None:
+                            self.cache.drain(block=False)
                         self.step += 1
                         self.batch_in_epoch += 1
                         if bar is not None:
@@ -458,9 +566,12 @@ class Trainer:
                     t_data = time.perf_counter()
                 if stopped:
                     break
+                self._fill_dropped()
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 self.save_checkpoint()
+                if self.cache is not None and self.world > 1:
+                    torch.distributed.barrier()  # every rank's rows written: next epoch reads
                 every = cfg.run.eval_every
                 if self.val is not None and every and self.epoch % every == 0:
                     self.evaluate_and_log()
@@ -471,6 +582,8 @@ class Trainer:
             self._log_train(meters, timer, t_log, images_since, None)
         self.save_checkpoint()
         result = {"step": self.step, "epoch": self.epoch, "finished": not stopped}
+        if self.cache is not None:  # this process's teacher forwards in this fit()
+            result["teacher_forwards"] = self.teacher_forwards
         if not stopped:
             if self.val is not None and not (
                 cfg.run.eval_every and self.epoch % cfg.run.eval_every == 0
@@ -488,6 +601,8 @@ class Trainer:
     def _log_train(self, meters, timer, t_log, images_since, bar):
         m = meters.read()  # the only synchronisation: once per log interval
         phases = timer.read()
+        if self.cache is not None:
+            self.cache.drain(block=True)
         now = time.perf_counter()
         n = max(m.get("images", 0.0), 1.0)
         steps = self.cfg.run.log_every
@@ -503,6 +618,10 @@ class Trainer:
         }
         if "ce" in m:
             rec["ce"] = m["ce"] / (steps * self.cfg.run.grad_accum)
+        if self.cache is not None:  # micro-batches that skipped the teacher forward
+            hits, total = self._cache_counts
+            rec["cached"] = hits / max(total, 1)
+            self._cache_counts = [0, 0]
         if self.rank == 0:
             self.runlog.write(rec)
             if bar is not None:
