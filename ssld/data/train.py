@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssld.data import read_list, read_rgb
+from ssld.data import load_chw, read_list
 from ssld.dedup.extract import IMAGE_EXTENSIONS
 
 
@@ -141,18 +141,10 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key
         view = self.view(epoch)
-        size = self.transform.size
-        rgb = read_rgb(self.roots[self.source[index]] / self.paths[index])
-        ok = rgb is not None
-        if ok:
-            try:
-                rgb = self.transform(rgb, view, index)
-            except Exception:  # noqa: BLE001 - degenerate files count as unreadable
-                ok = False
-        img = (
-            torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-            if ok
-            else torch.zeros(3, size, size, dtype=torch.uint8)
+        img, ok = load_chw(
+            self.roots[self.source[index]] / self.paths[index],
+            lambda rgb: self.transform(rgb, view, index),
+            self.transform.size,
         )
         item = (img, self.labels[index], ok, index)
         if self.cache is not None:
