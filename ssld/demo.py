@@ -83,7 +83,11 @@ def _mean_std(xs):
 
 
 class Demo:
-    def __init__(self, out, device="cpu", settings: DemoSettings = DemoSettings(), log=print):
+    def __init__(
+        self, out, device="cpu", settings: DemoSettings = DemoSettings(), log=print, progress=True
+    ):
+        self.progress = progress
+        self.bar = None
         self.out = Path(out)
         self.device = str(device)
         self.s = settings
@@ -182,6 +186,7 @@ class Demo:
         cfg = load_config(None, self._overrides(run_out, seed, widths, **extra))
         tr = Trainer(cfg, mode=mode, init=init, log=None)
         tr.fit()
+        self._tick()
         evals = [r for r in tr.runlog.records() if r.get("kind") == "eval"]
         return evals[-1]["top1"], run_out
 
@@ -264,6 +269,10 @@ class Demo:
         )
         return res
 
+    def _tick(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
     # ---- the whole thing ----
 
     def run(self) -> dict:
@@ -276,10 +285,14 @@ class Demo:
             f"test = {c['val']} held out"
         )
         per_seed = []
+        from ssld._io import progress_bar
+
+        self.bar = progress_bar(self.s.seeds * 6, self.progress, "demo", "stage", leave=False)
         for seed in range(self.s.seeds):
             t0 = time.time()
             top1, weights = self.teacher(digits, seed)
             selected = self.select(digits, weights, seed)
+            self._tick()
             n_sel = sum(1 for _ in open(selected)) - 1
             res = {"teacher_top1": top1, **self.students(digits, weights, selected, seed)}
             res["selected"] = n_sel
@@ -289,6 +302,8 @@ class Demo:
                 + ", ".join(f"{k.split('_', 1)[1][:-5]} {res[k]:.1f}%" for k in RESULT_KEYS[1:])
                 + f" ({time.time() - t0:.0f} s)"
             )
+        if self.bar is not None:
+            self.bar.close()
         results = {"dedup_precision": sc["precision"], "dedup_recall": sc["recall"]}
         for key in RESULT_KEYS:
             m, sd = _mean_std(r[key] for r in per_seed)
@@ -384,10 +399,14 @@ def _ablation_trend(name: str, means: list[float]) -> bool:
 
 def run_ablation(demo: Demo) -> dict:
     """The paper's ablations in miniature on the digits (student (c) settings), over seeds."""
+    from ssld._io import progress_bar
+
     s = demo.s
     digits = demo._digits()
     results = {}
     teachers = {}
+    runs = s.seeds * (1 + sum(len(spec["values"]) for spec in ABLATIONS.values()))
+    demo.bar = progress_bar(runs, demo.progress, "ablation", "run", leave=False)
     for seed in range(s.seeds):
         _, weights = demo.teacher(digits, seed)
         teachers[seed] = weights
@@ -433,6 +452,8 @@ def run_ablation(demo: Demo) -> dict:
             demo.log(f"  ablation {name} = {value}: {m:.2f} ± {sd:.2f}")
         reproduced = _ablation_trend(name, [r["top1"] for r in rows])
         results[name] = {**spec, "rows": rows, "reproduced": reproduced}
+    if demo.bar is not None:
+        demo.bar.close()
     results["seeds"] = s.seeds
     (demo.out / "ablation.json").write_text(json.dumps(results, indent=1, default=str))
     _ablation_report(demo.out, results)
