@@ -269,6 +269,13 @@ class Demo:
         )
         return res
 
+    def _say(self, msg: str) -> None:
+        """A log line that does not tear the progress bar."""
+        if self.bar is not None and self.log is print:
+            self.bar.write(msg)
+        else:
+            self.log(msg)
+
     def _tick(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -297,7 +304,7 @@ class Demo:
             res = {"teacher_top1": top1, **self.students(digits, weights, selected, seed)}
             res["selected"] = n_sel
             per_seed.append(res)
-            self.log(
+            self._say(
                 f"[seed {seed + 1}/{self.s.seeds}] teacher {top1:.1f}%, selected {n_sel}, "
                 + ", ".join(f"{k.split('_', 1)[1][:-5]} {res[k]:.1f}%" for k in RESULT_KEYS[1:])
                 + f" ({time.time() - t0:.0f} s)"
@@ -355,7 +362,8 @@ class Demo:
             tr = [r for r in recs if r.get("kind") == "train"]
             ax.plot([r["step"] for r in tr], [r["loss"] for r in tr], label=name)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (CE for supervised, JSD otherwise)")
+        ax.set_ylabel("training loss")
+        ax.set_title("CE for supervised, JSD to the teacher otherwise", fontsize=9)
         ax.set_yscale("log")
         ax.legend()
         fig.tight_layout()
@@ -449,7 +457,7 @@ def run_ablation(demo: Demo) -> dict:
                 accs.append(top1)
             m, sd = _mean_std(accs)
             rows.append({"value": value, "top1": m, "top1_std": sd, "per_seed": accs})
-            demo.log(f"  ablation {name} = {value}: {m:.2f} ± {sd:.2f}")
+            demo._say(f"  ablation {name} = {value}: {m:.2f} ± {sd:.2f}")
         reproduced = _ablation_trend(name, [r["top1"] for r in rows])
         results[name] = {**spec, "rows": rows, "reproduced": reproduced}
     if demo.bar is not None:
