@@ -526,6 +526,7 @@ class Trainer:
         if self.val is not None and self.step == 0:  # same decision on every rank
             self._teacher_eval_once()
         meters, timer = Meters(self.device), StepTimer(self.device)
+        self._logged_step = self.step
         bar = self._progress()
         t_log = time.perf_counter()
         images_since = 0
@@ -605,7 +606,8 @@ class Trainer:
             self.cache.drain(block=True)
         now = time.perf_counter()
         n = max(m.get("images", 0.0), 1.0)
-        steps = self.cfg.run.log_every
+        steps = max(1, self.step - self._logged_step)  # the last record may be shorter
+        self._logged_step = self.step
         rec = {
             "kind": "train",
             "step": self.step,
