@@ -73,6 +73,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -665,9 +666,11 @@ __global__ void u8_norms_kernel(const unsigned char* x, int64_t pitch, int64_t n
 // Host side
 // ---------------------------------------------------------------------------------------
 void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // consume it: a later launch check must not report it again
     throw std::runtime_error(std::string("ssld CUDA match_knn: ") + what + ": " +
                              cudaGetErrorString(err));
+  }
 }
 
 // Makes `device` current for the call and restores the caller's device afterwards.
@@ -794,6 +797,10 @@ void launch_norms(const unsigned char* x, int64_t pitch, int64_t nrows, int64_t 
 template <typename Kernel>
 void launch_knn(Kernel kernel, const KArgs& args, int64_t n_tiles, int nw, int smem,
                 cudaStream_t stream) {
+  // The GIL is released around the kernel call: setting the shared-memory limit and
+  // launching must not interleave with another thread's call of the same kernel.
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
              "cudaFuncSetAttribute (shared memory)");
   kernel<<<static_cast<unsigned int>(n_tiles), nw * 32, smem, stream>>>(args);
@@ -808,6 +815,7 @@ void match_knn_cuda(const KnnParams& p) {
   const auto* db_off = reinterpret_cast<const int64_t*>(p.db_off);
 
   DeviceGuard guard(p.device);
+  cudaGetLastError();  // drop errors left by earlier failed calls (sticky errors resurface)
   int cc_major = 0, cc_minor = 0, smem_optin = 0;
   check_cuda(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, p.device),
              "cudaDeviceGetAttribute");
@@ -854,6 +862,12 @@ void match_knn_cuda(const KnnParams& p) {
   const std::size_t qn_bytes = u8 ? round_up(static_cast<std::size_t>(p.nq_total) * 4, 256) : 0;
   const std::size_t dbn_bytes = u8 ? static_cast<std::size_t>(p.ndb_total) * 4 : 0;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(p.stream);
+  // The host-built schedule cannot be recorded into a CUDA graph (its buffer is freed).
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone)
+    throw std::invalid_argument(
+        "match_knn (cuda): cannot run under CUDA graph capture (host-built tile schedule)");
   StreamBuffer ws(tiles_bytes + qn_bytes + dbn_bytes, stream);
   // Pageable source: consumed before cudaMemcpyAsync returns (see the header comment).
   check_cuda(cudaMemcpyAsync(ws.get(), tiles.data(), tiles.size() * sizeof(KTile),

@@ -226,6 +226,35 @@ def test_unaligned_views(dtype, offset, dim):
         _assert_float_close(q, db, d, i, 5, atol=1e-3 * dim, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,width,dim", [(torch.uint8, 112, 100), (torch.float32, 8, 5)])
+def test_aligned_rows_with_a_partial_last_chunk(dtype, width, dim):
+    """16-byte aligned pointers and pitches but a row length that is not a multiple of 16
+    bytes: the cp.async path copies a partial chunk (source size strictly between 0 and 16)."""
+    gen = torch.Generator().manual_seed(width + dim)
+    qb, dbb = _desc(150, width, dtype, gen), _desc(333, width, dtype, gen)
+    q, db = qb[:, :dim], dbb[:, :dim]
+    gq, gdb = qb.cuda()[:, :dim], dbb.cuda()[:, :dim]
+    assert gq.data_ptr() % 16 == 0 and gq.stride(0) * gq.element_size() % 16 == 0
+    assert dim * gq.element_size() % 16
+    got = sk.match_knn(gq, gdb, 5, backend="cuda")
+    if dtype == torch.uint8:
+        _assert_same(got, sk.match_knn(q, db, 5, backend="cpu"))
+    else:
+        d, i = (t.cpu() for t in got)
+        _assert_float_close(q, db, d, i, 5, atol=1e-3 * dim, rtol=1e-5)
+
+
+def test_refuses_cuda_graph_capture():
+    """The host-built tile schedule cannot be captured: a clear error, not a broken graph."""
+    gen = torch.Generator().manual_seed(3)
+    gq, gdb = _cuda(_desc(64, 128, torch.uint8, gen), _desc(200, 128, torch.uint8, gen))
+    sk.match_knn(gq, gdb, 2, backend="cuda")  # warm up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises((ValueError, RuntimeError), match="capture"):
+        with torch.cuda.graph(g):
+            sk.match_knn(gq, gdb, 2, backend="cuda")
+
+
 def test_non_default_stream():
     """The kernel runs on the caller's current stream: inputs written on that stream are seen."""
     gen = torch.Generator().manual_seed(8)

@@ -392,7 +392,8 @@ def knn_ragged(
     sched = _schedule(q_off, db_off, block_m)
     if sched.shape[0] == 0:
         return dist, index
-    sched = sched.to(q.device)
+    if q.is_cuda:  # pinned + non_blocking: the copy does not wait for the device
+        sched = sched.pin_memory().to(q.device, non_blocking=True)
     with _device_guard(q):
         _knn_kernel[(sched.shape[0],)](
             q,
