@@ -99,7 +99,6 @@ constexpr int kF32Pitch = 36 * 4;    // bytes per shared row of the float kernel
 constexpr int32_t kMissingDist = 0x7fffffff;
 constexpr uint32_t kNaNKey = 0x7f800001u;  // float keys: +inf is 0x7f800000
 constexpr u64 kMissingKey = 0x7fffffffffffffffull;
-constexpr int64_t kMaxU8Dim = 33025;       // dim * 255^2 < 2^31
 
 // One block's work: queries [q0, q1) (global rows) against database rows [db0, db0 + ndb).
 struct KTile {
@@ -726,56 +725,17 @@ class StreamBuffer {
   bool async_ = true;
 };
 
-// The checks of match_knn_cpu (same messages), plus the limits of this kernel.
+// The checks of match_knn_cpu (csrc/match.h), plus the limits of this kernel.
 void check_knn_params_cuda(const KnnParams& p) {
-  check(p.dtype == kUInt8 || p.dtype == kFloat32,
-        std::string("match_knn: unsupported dtype ") + dtype_name(p.dtype) +
-            " (expected uint8 or float32)");
-  check(p.dim >= 1, "match_knn: dim must be >= 1, got " + std::to_string(p.dim));
-  if (p.dtype == kUInt8)
-    check(p.dim <= kMaxU8Dim, "match_knn: uint8 descriptors need dim <= " +
-                                  std::to_string(kMaxU8Dim) + " (dim * 255^2 < 2^31), got " +
-                                  std::to_string(p.dim));
-  check(p.dim <= (int64_t{1} << 40), "match_knn: dim is too large");
-  check(p.k >= 1 && p.k <= kKnnMaxK, "match_knn: k must be in [1, " + std::to_string(kKnnMaxK) +
-                                         "], got " + std::to_string(p.k));
-  check(p.n_groups >= 0, "match_knn: n_groups must be >= 0");
-  check(p.nq_total >= 0 && p.ndb_total >= 0, "match_knn: nq_total and ndb_total must be >= 0");
-  check(p.nq_total <= INT64_MAX / kKnnMaxK, "match_knn: nq_total is too large");
-  check(p.q_stride >= 0 && p.db_stride >= 0, "match_knn: row strides must be >= 0");
-  check(p.q_off != 0 && p.db_off != 0, "match_knn: null q_off / db_off pointer");
-  check(p.q_off % 8 == 0 && p.db_off % 8 == 0,
-        "match_knn: q_off / db_off are not aligned to int64");
-  const auto* q_off = reinterpret_cast<const int64_t*>(p.q_off);
+  check_knn_params(p);
   const auto* db_off = reinterpret_cast<const int64_t*>(p.db_off);
-  check(q_off[0] == 0 && db_off[0] == 0, "match_knn: q_off[0] and db_off[0] must be 0");
   for (int64_t g = 0; g < p.n_groups; ++g) {
-    if (q_off[g + 1] < q_off[g] || db_off[g + 1] < db_off[g])
-      throw std::invalid_argument("match_knn: offsets must be nondecreasing (group " +
-                                  std::to_string(g) + ": q_off " + std::to_string(q_off[g]) +
-                                  " -> " + std::to_string(q_off[g + 1]) + ", db_off " +
-                                  std::to_string(db_off[g]) + " -> " +
-                                  std::to_string(db_off[g + 1]) + ")");
     // local indices travel as 32 bits in the sort keys
     if (db_off[g + 1] - db_off[g] > INT32_MAX)
       throw std::invalid_argument("match_knn (cuda): group " + std::to_string(g) + " has " +
                                   std::to_string(db_off[g + 1] - db_off[g]) +
                                   " database rows; at most 2^31 - 1 per group");
   }
-  check(q_off[p.n_groups] == p.nq_total,
-        "match_knn: q_off[n_groups] = " + std::to_string(q_off[p.n_groups]) +
-            " but nq_total = " + std::to_string(p.nq_total));
-  check(db_off[p.n_groups] == p.ndb_total,
-        "match_knn: db_off[n_groups] = " + std::to_string(db_off[p.n_groups]) +
-            " but ndb_total = " + std::to_string(p.ndb_total));
-  if (p.nq_total == 0) return;
-  check(p.q != 0 && p.out_dist != 0 && p.out_idx != 0,
-        "match_knn: null query or output pointer");
-  check(p.out_dist % 4 == 0 && p.out_idx % 8 == 0,
-        "match_knn: out_dist / out_idx are not aligned to float32 / int64");
-  if (p.ndb_total > 0) check(p.db != 0, "match_knn: null database pointer");
-  if (p.dtype == kFloat32)
-    check(p.q % 4 == 0 && p.db % 4 == 0, "match_knn: float32 descriptors are not 4-byte aligned");
 }
 
 bool rows_aligned16(std::uintptr_t ptr, int64_t pitch_bytes, int64_t n_rows) {

@@ -19,12 +19,16 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "common.h"
 
 namespace ssld {
 
 constexpr int kKnnMaxK = 64;
+constexpr int64_t kKnnMaxU8Dim = 33025;  // dim * 255^2 < 2^31: exact int32 distances
 
 struct KnnParams {
   std::uintptr_t q = 0;         // packed queries [nq_total, dim], row stride q_stride, last-dim stride 1
@@ -46,6 +50,54 @@ struct KnnParams {
                                  //   q_off / db_off stay host arrays, read by the host)
   int device = 0;                // CUDA: device index of every pointer
 };
+
+// Argument checks shared by the CPU and CUDA kernels (readable std::invalid_argument).
+inline void check_knn_params(const KnnParams& p) {
+  check(p.dtype == kUInt8 || p.dtype == kFloat32,
+        std::string("match_knn: unsupported dtype ") + dtype_name(p.dtype) +
+            " (expected uint8 or float32)");
+  check(p.dim >= 1, "match_knn: dim must be >= 1, got " + std::to_string(p.dim));
+  if (p.dtype == kUInt8)
+    check(p.dim <= kKnnMaxU8Dim, "match_knn: uint8 descriptors need dim <= " +
+                                     std::to_string(kKnnMaxU8Dim) +
+                                     " (dim * 255^2 < 2^31), got " + std::to_string(p.dim));
+  check(p.dim <= (int64_t{1} << 40), "match_knn: dim is too large");
+  check(p.k >= 1 && p.k <= kKnnMaxK, "match_knn: k must be in [1, " + std::to_string(kKnnMaxK) +
+                                         "], got " + std::to_string(p.k));
+  check(p.n_groups >= 0, "match_knn: n_groups must be >= 0");
+  check(p.nq_total >= 0 && p.ndb_total >= 0, "match_knn: nq_total and ndb_total must be >= 0");
+  check(p.nq_total <= std::numeric_limits<int64_t>::max() / kKnnMaxK,
+        "match_knn: nq_total is too large");
+  check(p.q_stride >= 0 && p.db_stride >= 0, "match_knn: row strides must be >= 0");
+  check(p.q_off != 0 && p.db_off != 0, "match_knn: null q_off / db_off pointer");
+  check(p.q_off % 8 == 0 && p.db_off % 8 == 0,
+        "match_knn: q_off / db_off are not aligned to int64");
+  const auto* q_off = reinterpret_cast<const int64_t*>(p.q_off);
+  const auto* db_off = reinterpret_cast<const int64_t*>(p.db_off);
+  check(q_off[0] == 0 && db_off[0] == 0, "match_knn: q_off[0] and db_off[0] must be 0");
+  for (int64_t g = 0; g < p.n_groups; ++g) {
+    if (q_off[g + 1] < q_off[g] || db_off[g + 1] < db_off[g])
+      throw std::invalid_argument("match_knn: offsets must be nondecreasing (group " +
+                                  std::to_string(g) + ": q_off " + std::to_string(q_off[g]) +
+                                  " -> " + std::to_string(q_off[g + 1]) + ", db_off " +
+                                  std::to_string(db_off[g]) + " -> " +
+                                  std::to_string(db_off[g + 1]) + ")");
+  }
+  check(q_off[p.n_groups] == p.nq_total,
+        "match_knn: q_off[n_groups] = " + std::to_string(q_off[p.n_groups]) +
+            " but nq_total = " + std::to_string(p.nq_total));
+  check(db_off[p.n_groups] == p.ndb_total,
+        "match_knn: db_off[n_groups] = " + std::to_string(db_off[p.n_groups]) +
+            " but ndb_total = " + std::to_string(p.ndb_total));
+  if (p.nq_total == 0) return;
+  check(p.q != 0 && p.out_dist != 0 && p.out_idx != 0,
+        "match_knn: null query or output pointer");
+  check(p.out_dist % 4 == 0 && p.out_idx % 8 == 0,
+        "match_knn: out_dist / out_idx are not aligned to float32 / int64");
+  if (p.ndb_total > 0) check(p.db != 0, "match_knn: null database pointer");
+  if (p.dtype == kFloat32)
+    check(p.q % 4 == 0 && p.db % 4 == 0, "match_knn: float32 descriptors are not 4-byte aligned");
+}
 
 void match_knn_cpu(const KnnParams& p);
 void match_knn_cuda(const KnnParams& p);  // csrc/match.cu (builds with SSLD_WITH_CUDA only)
