@@ -214,33 +214,35 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise ConfigError(f"{section}.{name} must be one of {choices}, got {value!r}")
-    positive = [
-        ("data.input_size", cfg.data.input_size),
-        ("run.batch_size", cfg.run.batch_size),
-        ("run.grad_accum", cfg.run.grad_accum),
-        ("run.log_every", cfg.run.log_every),
-        ("run.ckpt_every", cfg.run.ckpt_every),
-        ("optim.epochs", cfg.optim.epochs),
-        ("data.synthetic_size", cfg.data.synthetic_size),
-        ("finetune.epochs", cfg.finetune.epochs),
-    ]
-    for key, value in positive:
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
-    nonneg = [
-        ("data.workers", cfg.data.workers),
-        ("optim.base_lr", cfg.optim.base_lr),
-        ("optim.weight_decay", cfg.optim.weight_decay),
-        ("optim.warmup_epochs", cfg.optim.warmup_epochs),
-        ("optim.min_lr", cfg.optim.min_lr),
-        ("loss.ce_weight", cfg.loss.ce_weight),
-        ("loss.kd_weight", cfg.loss.kd_weight),
-        ("run.eval_every", cfg.run.eval_every),
-        ("data.crop_replay", cfg.data.crop_replay),
-    ]
-    for key, value in nonneg:
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
+    at_least = {
+        1: (
+            "data.input_size",
+            "run.batch_size",
+            "run.grad_accum",
+            "run.log_every",
+            "run.ckpt_every",
+            "optim.epochs",
+            "data.synthetic_size",
+            "finetune.epochs",
+        ),
+        0: (
+            "data.workers",
+            "optim.base_lr",
+            "optim.weight_decay",
+            "optim.warmup_epochs",
+            "optim.min_lr",
+            "loss.ce_weight",
+            "loss.kd_weight",
+            "run.eval_every",
+            "data.crop_replay",
+        ),
+    }
+    for minimum, keys in at_least.items():
+        for key in keys:
+            section, name = key.split(".")
+            value = getattr(getattr(cfg, section), name)
+            if value < minimum:
+                raise ConfigError(f"{key} must be >= {minimum}, got {value}")
     if cfg.optim.lr is not None and cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
     if not 0.0 <= cfg.optim.momentum < 1.0:
