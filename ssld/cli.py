@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 from ssld import __version__
 
@@ -94,6 +95,42 @@ def resolve_device(text: str, local_rank: int = 0):
     elif device.type != "cpu":
         raise UsageError(f"argument --device: expected auto, cpu or cuda[:i], got {text!r}")
     return device
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """How this process was started: torchrun (WORLD_SIZE > 1, no --shard) or alone."""
+
+    distributed: bool
+    world: int
+    rank: int
+    shard: tuple[int, int]
+    device: object
+
+
+def _launch(args) -> _Launch:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    distributed = world > 1 and args.shard is None
+    shard = (rank, world) if distributed else (args.shard or (0, 1))
+    device = resolve_device(args.device, local_rank if distributed else 0)
+    return _Launch(distributed, world, rank, shard, device)
+
+
+def _rank0_after_all(launch: _Launch, summary: dict, write) -> None:
+    """Under torchrun: wait for every rank, let rank 0 ``write()`` the merged outputs (its
+    counts go into ``summary``), wait again so no rank exits before the outputs exist."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+        if launch.rank == 0:
+            summary.update(write())
+            summary["written"] = True
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _add_dedup(sub) -> None:
@@ -192,19 +229,16 @@ def _cmd_dedup(args) -> int:
         ),
         pictures=args.pictures,
     )
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    distributed = world > 1 and args.shard is None
-    shard = (rank, world) if distributed else (args.shard or (0, 1))
-    device = resolve_device(args.device, local_rank if distributed else 0)
+    launch = _launch(args)
+    distributed, shard, device = launch.distributed, launch.shard, launch.device
     if args.backend is not None:
         from ssld_kernels._backends import BACKENDS
 
         if args.backend not in ("auto",) + BACKENDS:
             raise UsageError(f"argument --backend: expected one of {BACKENDS}, got {args.backend}")
-    workers = os.cpu_count() or 1 if args.workers is None else args.workers
+    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
     if distributed:
-        workers = max(1, workers // world)
+        workers = max(1, workers // launch.world)
     embeddings = (
         (args.query_embeddings, args.reference_embeddings) if args.query_embeddings else None
     )
@@ -222,17 +256,11 @@ def _cmd_dedup(args) -> int:
         **common,
     )
     if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-        try:
-            dist.barrier()
-            if rank == 0:
-                summary.update(write_outputs(args.query, args.reference, args.out, cfg, **common))
-                summary["written"] = True
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        _rank0_after_all(
+            launch,
+            summary,
+            lambda: write_outputs(args.query, args.reference, args.out, cfg, **common),
+        )
     if summary.get("written"):
         print(
             f"{summary['flagged_images']} of {summary['query_images']} query images flagged "
@@ -341,11 +369,8 @@ def _cmd_select(args) -> int:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    distributed = world > 1 and args.shard is None
-    shard = (rank, world) if distributed else (args.shard or (0, 1))
-    device = resolve_device(args.device, local_rank if distributed else 0)
+    launch = _launch(args)
+    distributed, shard, device = launch.distributed, launch.shard, launch.device
     workers = min(8, os.cpu_count() or 1) if args.workers is None else args.workers
     teacher_id = args.teacher + (
         f"@{os.path.abspath(args.teacher_weights)}" if args.teacher_weights else ""
@@ -367,17 +392,7 @@ def _cmd_select(args) -> int:
         max_batches=args.max_batches,
     )
     if distributed:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
-        try:
-            dist.barrier()
-            if rank == 0:
-                summary.update(sel.merge(args.out, world, paths))
-                summary["written"] = True
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
+        _rank0_after_all(launch, summary, lambda: sel.merge(args.out, launch.world, paths))
     if summary.get("written"):
         print(
             f"{summary['selected']} images selected over {summary['classes']} classes "
