@@ -85,7 +85,12 @@ def time_fn(fn, device: torch.device, warmup_ms=50.0, rep_ms=300.0, min_reps=5):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return _quantiles(times)
+
+
+def _quantiles(times: list) -> dict:
+    """Median / p20 / p80 of per-call milliseconds."""
+    times = sorted(times)
     return {
         "median_ms": statistics.median(times),
         "p20_ms": times[int(0.2 * (len(times) - 1))],
@@ -123,13 +128,7 @@ def time_calls(fn, device: torch.device, reps: int = 3, warmup: int = 0) -> dict
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {
-        "median_ms": statistics.median(times),
-        "p20_ms": times[int(0.2 * (len(times) - 1))],
-        "p80_ms": times[int(0.8 * (len(times) - 1))],
-        "reps": len(times),
-    }
+    return {**_quantiles(times), "reps": len(times)}
 
 
 def write_results_extra(
