@@ -401,9 +401,9 @@ def _draw_pictures(query, reference, out, cfg, dup, device, backend) -> list[str
     for old in pic_dir.glob("*.png"):
         old.unlink()
     strongest = sorted(dup, key=lambda t: (-t[3], t[0], t[1]))[: cfg.pictures]
-    qf_all = load_features(out / "features" / "query")
-    rf_all = load_features(out / "features" / "reference")
-    q, r = Features(qf_all, device), Features(rf_all, device)
+    # only the shards holding the drawn images: the stores can be ImageNet-22k sized
+    q = Features(_shards_of(out / "features" / "query", [t[0] for t in strongest]), device)
+    r = Features(_shards_of(out / "features" / "reference", [t[1] for t in strongest]), device)
     names = []
     for rank, (qi, ri, _m, _n, fl) in enumerate(strongest):
         e = int(np.flatnonzero((q.image == qi) & (q.flipped == fl))[0])
@@ -425,6 +425,12 @@ def _draw_pictures(query, reference, out, cfg, dup, device, backend) -> list[str
         cv2.imwrite(str(pic_dir / name), canvas)
         names.append(name)
     return names
+
+
+def _shards_of(folder: Path, images) -> dict:
+    """load_features of just the shards that hold the given image indices."""
+    size = json.loads((folder / "manifest.json").read_text())["config"]["shard_size"]
+    return load_features(folder, shards=sorted({int(i) // size for i in images}))
 
 
 def _read_scaled(path: Path, max_side: int, flip: bool):
