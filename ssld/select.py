@@ -185,6 +185,14 @@ def _save_part(path: Path, table: ClassTopK | None, meta: dict, batches, failed,
     os.replace(tmp, path)
 
 
+def _part_done(path: Path) -> bool:
+    """Whether a part file exists and is finished (reads only that flag, not its table)."""
+    if not path.exists():
+        return False
+    with np.load(path) as z:
+        return bool(z["done"])
+
+
 def _load_part(path: Path) -> dict:
     with np.load(path) as z:
         d = {k: z[k] for k in z.files}
@@ -278,7 +286,7 @@ def run_select(
         _save_part(ppath, table, meta, done_batches, failed, True)
     summary = {"shard": list(shard), "finished": finished, "throughput": asdict(tp)}
     parts = [part_path(out, i, n_shard) for i in range(n_shard)]
-    all_done = finished and all(p.exists() and bool(_load_part(p)["done"]) for p in parts)
+    all_done = finished and all(_part_done(p) for p in parts)
     summary["written"] = False
     if all_done and write_output:
         summary.update(merge(out, n_shard, paths))
