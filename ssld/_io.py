@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and optional progress bars."""
+"""Small shared helpers: atomic file writes, optional progress bars and plotting."""
 
 from __future__ import annotations
 
@@ -33,3 +33,15 @@ def progress_bar(total: int, enabled: bool, desc: str, unit: str, **kwargs):
     except ImportError:
         return None
     return tqdm(total=total, desc=desc, unit=unit, **kwargs)
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend, or None when not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssld._io import progress_bar, pyplot
+
 RESULT_KEYS = (
     "teacher_top1",
     "student_supervised_top1",
@@ -292,8 +294,6 @@ class Demo:
             f"test = {c['val']} held out"
         )
         per_seed = []
-        from ssld._io import progress_bar
-
         self.bar = progress_bar(self.s.seeds * 6, self.progress, "demo", "stage", leave=False)
         for seed in range(self.s.seeds):
             t0 = time.time()
@@ -346,12 +346,8 @@ class Demo:
         (self.out / "report.md").write_text("\n".join(lines))
 
     def _curves(self) -> bool:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return False
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for name in ("supervised", "ssld_labeled", "ssld", "ssld_finetune"):
@@ -407,8 +403,6 @@ def _ablation_trend(name: str, means: list[float]) -> bool:
 
 def run_ablation(demo: Demo) -> dict:
     """The paper's ablations in miniature on the digits (student (c) settings), over seeds."""
-    from ssld._io import progress_bar
-
     s = demo.s
     digits = demo._digits()
     results = {}
@@ -470,13 +464,7 @@ def run_ablation(demo: Demo) -> dict:
 
 def _ablation_report(out: Path, results: dict) -> None:
     lines = ["# ssld demo --ablation", "", f"{results['seeds']} seed(s) per setting.", ""]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        plt = None
+    plt = pyplot()
     for name in ABLATIONS:
         r = results[name]
         lines += [f"## {name}: {r['what']}", ""]

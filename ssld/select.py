@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssld._io import atomic_write_text, progress_bar
+from ssld._io import atomic_write_text, progress_bar, pyplot
 from ssld.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -525,12 +525,8 @@ def write_selection(out: Path, paths, state, failed, k: int, topm: int) -> dict:
 
 
 def _histogram(out: Path, scores) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(scores, bins=50, range=(0, 1))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from ssld._io import pyplot
+
 
 class Meters:
     """Running sums kept as device tensors; ``read()`` is the only host synchronisation."""
@@ -120,12 +122,8 @@ class RunLog:
         """loss, learning rate and accuracy curves (matplotlib, when installed)."""
         if not self.enabled:
             return None
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return None
         recs = self.records()
         train = [r for r in recs if r.get("kind") == "train"]
