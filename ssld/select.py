@@ -40,7 +40,7 @@ from ssld.data import (
     EvalTransform,
     ImageList,
     Normalize,
-    worker_init,
+    worker_options,
 )
 
 EMPTY_ID = torch.iinfo(torch.int64).max
@@ -307,11 +307,10 @@ def _infer(
         ds,
         batch_size=B,
         shuffle=False,
-        num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
-        worker_init_fn=worker_init if workers else None,
+        **worker_options(workers),
     )
     model = prepare_teacher(teacher, cfg, device)
     bar = progress_bar(len(ids), progress, "select", "img", smoothing=0.05)

@@ -437,3 +437,19 @@ def test_two_process_gloo_ddp_teacher_cache(digits, tmp_path):
     # each rank: 22 micro-batches and its share of the 15 dropped images in epoch 1, none after
     results = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     assert [r["teacher_forwards"] for r in results] == [23, 23]
+
+
+def test_workers_start_after_parallel_opencv_in_the_parent():
+    """OpenCV's thread pool does not survive fork: a parent that ran a parallel OpenCV op
+    used to hang its next DataLoader in worker_init (cv2.setNumThreads in the child)."""
+    script = """
+import numpy as np, cv2, torch
+from ssld.data import worker_options
+img = np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8)
+for _ in range(3):
+    cv2.resize(img, (1500, 1500)); cv2.GaussianBlur(img, (9, 9), 2)
+ds = torch.utils.data.TensorDataset(torch.arange(4))
+print(sum(int(b[0].sum()) for b in torch.utils.data.DataLoader(ds, **worker_options(1))))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "6", r.stderr

@@ -58,11 +58,23 @@ class EvalTransform:
         return rgb[y : y + size, x : x + size]
 
 
+def read_bgr(path: str | os.PathLike) -> np.ndarray | None:
+    """HWC uint8 BGR (OpenCV's order, EXIF orientation applied), or None when the file cannot
+    be decoded (OpenCV raises instead of returning None for some files, e.g. headers claiming
+    more than 2^30 pixels: those count as undecodable too)."""
+    import cv2
+
+    try:
+        return cv2.imread(str(path), cv2.IMREAD_COLOR)
+    except cv2.error:
+        return None
+
+
 def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
     """HWC uint8 RGB, or None when the file cannot be decoded."""
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    img = read_bgr(path)
     if img is None:
         return None
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -120,6 +132,28 @@ class Normalize(torch.nn.Module):
         x = x.to(self.scale.device, non_blocking=True)
         x = x.contiguous(memory_format=torch.channels_last).float()
         return torch.addcmul(self.shift, x, self.scale)
+
+
+def opencv_fork_safe() -> None:
+    """Stop OpenCV's thread pool in this process before it forks workers.
+
+    The pool's threads are not copied by fork, but its state is: a forked child that calls
+    ``cv2.setNumThreads`` or runs a parallel OpenCV function waits forever for them. So any
+    process that has run OpenCV in parallel (a large resize, a fallback decode) would hang
+    its next DataLoader / process pool. The processes that fork keep OpenCV to one thread:
+    their own OpenCV work is light, the workers do the decoding.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def worker_options(workers: int) -> dict:
+    """DataLoader arguments for ``workers`` worker processes (``worker_init``), making this
+    process safe to fork first (:func:`opencv_fork_safe`)."""
+    if workers:
+        opencv_fork_safe()
+    return dict(num_workers=workers, worker_init_fn=worker_init if workers else None)
 
 
 def worker_init(_worker_id: int) -> None:

@@ -114,7 +114,9 @@ def _describe_file(args):
     path, cfg = args
     import cv2
 
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
+    from ssld.data import read_bgr
+
+    image = read_bgr(path)
     if image is None:
         return None
     hw = image.shape[:2]
@@ -173,7 +175,12 @@ def extract(
         selected = selected[r:] + selected[:r]
     todo = [s for s in selected if not _shard_complete(_shard_path(out, s), shard_range(s).stop)]
     bar = progress_bar(sum(len(shard_range(s)) for s in todo), progress, "sift", "img", leave=False)
-    pool = ProcessPoolExecutor(workers) if workers > 0 else None
+    pool = None
+    if workers > 0:
+        from ssld.data import opencv_fork_safe
+
+        opencv_fork_safe()
+        pool = ProcessPoolExecutor(workers)
     written = extracted = 0
     try:
         for s in todo:

@@ -436,7 +436,9 @@ def _shards_of(folder: Path, images) -> dict:
 def _read_scaled(path: Path, max_side: int, flip: bool):
     import cv2
 
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    from ssld.data import read_bgr
+
+    img = read_bgr(path)
     if img is None:
         return None
     if flip:
