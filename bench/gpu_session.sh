@@ -6,6 +6,7 @@
 #      SSLD_SKIP_MATCH=1, SSLD_SKIP_SELECT=1, SSLD_SKIP_TRAIN=1 (these two need timm),
 #      SSLD_TUNE=1 (write the measured backend table: python -m ssld_kernels.tune), SSLD_BENCH_ARGS="--dtypes bfloat16" (divergence),
 #      SSLD_MATCH_ARGS="--sizes 1000000x1000000 --pairs 4096" (bench_match.py),
+#      SSLD_SKIP_LOADER=1 (bench_loader.py: the DataLoader, plus DALI if installed there),
 #      SSLD_GIT_SHA (recorded in the JSON when the tree has no .git, as on a device copy)
 # Liger-Kernel wheels, if wanted, go in .whl/ (see bench/README.md).
 set -uo pipefail
@@ -40,6 +41,10 @@ if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_SELECT:-0}" != "1" ]; th
 fi
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_TRAIN:-0}" != "1" ]; then
   python3 bench/bench_train.py --out "$OUT/train.json" 2>&1 | tee "$OUT/bench_train.log" | tail -10
+fi
+if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_LOADER:-0}" != "1" ]; then
+  python3 bench/bench_loader.py --images 8192 --workers 16 --batch-size 256 \
+    --out "$OUT/loader.json" 2>&1 | tee "$OUT/bench_loader.log" | tail -6
 fi
 if [ "${SSLD_TUNE:-0}" = "1" ]; then
   SSLD_KERNELS_TUNE_FILE="$OUT/tune.json" python3 -m ssld_kernels.tune 2>&1 | tail -20

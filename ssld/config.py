@@ -57,6 +57,8 @@ class DataConfig:
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     workers: int = 8
+    loader: str = "torch"  # torch (DataLoader, OpenCV decode) | dali (NVIDIA DALI, optional)
+    dali_decode: str = "auto"  # dali: gpu (nvJPEG, hardware engines) | cpu | auto (gpu on CUDA)
     synthetic: bool = False  # random uint8 batches already on the device: throughput only
     synthetic_size: int = 1281167
     # crop replay and the teacher-output cache (module docstring; ssld.train.teacher_cache)
@@ -138,6 +140,8 @@ _CHOICES = {
     ("loss", "kind"): ("jsd", "sym_kl", "kl"),
     ("run", "amp"): ("bf16", "fp16", "none"),
     ("data", "cache_dtype"): ("float16", "float32"),
+    ("data", "loader"): ("torch", "dali"),
+    ("data", "dali_decode"): ("auto", "gpu", "cpu"),
 }
 
 
@@ -281,6 +285,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             if path is not None and not Path(path).is_dir():
                 raise ConfigError(f"data.{key} must be a folder with class subfolders: {path}")
     _validate_cache(cfg)
+    if cfg.data.loader == "dali" and not cfg.data.synthetic:
+        from ssld.data.dali import require_dali
+
+        try:
+            require_dali()
+        except ImportError as e:
+            raise ConfigError(str(e)) from None
     for key in ("student", "teacher"):
         w = getattr(cfg, key).weights
         if w is not None and not Path(w).is_file():

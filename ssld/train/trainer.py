@@ -42,7 +42,7 @@ from torch import nn
 
 import ssld_kernels as sk
 from ssld import config as C
-from ssld.data import EvalTransform, ImageList, Normalize, worker_init
+from ssld.data import EvalTransform, ImageList, Normalize, worker_options
 from ssld.data.train import ResumableSampler, TrainSet, TrainTransform, class_folder, unlabeled_list
 from ssld.teacher import TeacherError, load_model
 from ssld.train import checkpoint as ckpt
@@ -50,7 +50,16 @@ from ssld.train import teacher_cache as tcache
 from ssld.train.metrics import PHASES, Meters, RunLog, StepTimer
 
 # config keys that may differ between a run and its resumption
-RESUMABLE_CHANGES = {("run", "max_steps"), ("run", "progress"), ("run", "log_every")}
+# settings a run may be resumed with changed: they do not change which samples, crops and
+# steps it takes (a changed loader changes pixels only by decoder/interpolation rounding)
+RESUMABLE_CHANGES = {
+    ("run", "max_steps"),
+    ("run", "progress"),
+    ("run", "log_every"),
+    ("data", "workers"),
+    ("data", "loader"),
+    ("data", "dali_decode"),
+}
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -164,17 +173,22 @@ class Trainer:
             self.sampler = ResumableSampler(
                 len(self.trainset), run.batch_size, self.world, self.rank, run.seed
             )
-            self.loader = torch.utils.data.DataLoader(
-                self.trainset,
-                batch_size=self.micro_batch,
-                sampler=self.sampler,
-                num_workers=d.workers,
-                pin_memory=self.device.type == "cuda",
-                drop_last=True,
-                persistent_workers=d.workers > 0,
-                prefetch_factor=4 if d.workers else None,
-                worker_init_fn=worker_init if d.workers else None,
-            )
+            if d.loader == "dali":
+                from ssld.data.dali import DaliLoader
+
+                try:
+                    self.loader = DaliLoader(
+                        self.trainset,
+                        self.sampler,
+                        self.micro_batch,
+                        device=self.device,
+                        decode=d.dali_decode,
+                        workers=d.workers,
+                    )
+                except ValueError as e:
+                    raise C.ConfigError(f"data.dali_decode: {e}") from None
+            else:
+                self.loader = self._torch_loader()
         self.steps_per_epoch = self.sampler.batches_per_epoch
         o = self.cfg.optim
         self.total_steps = o.steps if o.steps else o.epochs * self.steps_per_epoch
@@ -189,6 +203,19 @@ class Trainer:
                 )
             self.val = (Path(d.val), [p for p, _ in items], torch.tensor([y for _, y in items]))
             self.val_classes = val_classes
+
+    def _torch_loader(self):
+        d = self.cfg.data
+        return torch.utils.data.DataLoader(
+            self.trainset,
+            batch_size=self.micro_batch,
+            sampler=self.sampler,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=d.workers > 0,
+            prefetch_factor=4 if d.workers else None,
+            **worker_options(d.workers),
+        )
 
     def _build_model(self, mc: C.ModelConfig, name: str) -> nn.Module:
         kwargs = dict(mc.kwargs)
@@ -652,9 +679,8 @@ class Trainer:
             [paths[i] for i in idx], root, EvalTransform(d.input_size, d.eval_crop_pct), idx
         )
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, num_workers=min(d.workers, 8),
-            pin_memory=self.device.type == "cuda",
-            worker_init_fn=worker_init if d.workers else None,
+            ds, batch_size=batch_size, pin_memory=self.device.type == "cuda",
+            **worker_options(min(d.workers, 8)),
         )  # fmt: skip
         was = model.training
         model.eval()
