@@ -15,8 +15,8 @@ pixels differ from the OpenCV path only by decoder and interpolation rounding.
 
 Batches: ``(uint8 (N, 3, S, S) on the device, labels, ok, indices[, filled, probs, ids])``
 like the DataLoader's. Files are read, and headers parsed, by DALI's parallel external
-source (``workers`` spawned processes). A file that cannot be read, or whose header is not a
-JPEG/PNG header OpenCV can make sense of, becomes a black image with ``ok = False``; if DALI
+source (``workers // 4`` spawned processes, at least one). A file that cannot be read, or
+whose header is not a JPEG/PNG header OpenCV can make sense of, becomes a black image with ``ok = False``; if DALI
 still fails on a batch (a corrupt body it refuses), that batch is decoded with OpenCV by the
 DataLoader's code and the pipeline restarts at the next batch, so a broken file never stops
 a run. ``decode="cpu"`` runs everything on the CPU (DALI CPU operators): no GPU needed,
@@ -133,7 +133,8 @@ class DaliLoader:
         device: the training device; CUDA devices get GPU outputs.
         decode: "gpu" (DALI mixed decoder, resize on the GPU), "cpu" (all on the CPU,
             the result copied to the device), or "auto" (gpu on CUDA devices).
-        workers: DALI CPU threads and Python reader processes.
+        workers: DALI CPU threads (decoding); a quarter as many Python reader processes
+            (file reads and header parsing are light).
         hw_decoder_load: share of images for the hardware JPEG decoder (A100/H100).
     """
 
@@ -179,7 +180,7 @@ class DaliLoader:
             batch_size=self.micro_batch,
             num_threads=self.workers,
             device_id=self.device.index if gpu else None,
-            py_num_workers=self.workers,
+            py_num_workers=max(1, self.workers // 4),
             py_start_method="spawn",
             prefetch_queue_depth=self.prefetch,
         )
