@@ -10,8 +10,8 @@ float64 inputs) ``row_loss`` and ``stats = (max_s, log_sum_s, max_t, log_sum_t, 
 dtypes. The backward reuses ``stats``, so it is one pass over the logits.
 
 A :class:`SparseTeacher` (top-m probabilities + class ids) is a second teacher form: the Triton
-kernel of ``triton/sparse.py`` behind the ``sparse_divergence_*`` ops (stats = (max_s,
-log_sum_s, A, B)), the reference elsewhere; see the class docstring.
+kernel of ``triton/sparse.py`` behind the same ops (given the ``index`` argument; stats =
+(max_s, log_sum_s, A, B)), the reference elsewhere; see the class docstring.
 """
 
 import math
@@ -36,6 +36,7 @@ __all__ = [
 
 # Floats saved per row by the forward: (max_s, log_sum_s, max_t, log_sum_t, A, B)
 STATS_WIDTH = 6
+SPARSE_STATS_WIDTH = 4  # a SparseTeacher's: (max_s, log_sum_s, A, B)
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
 
@@ -118,14 +119,52 @@ def _empty_grad(x: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch.library custom ops: opaque to torch.compile, with fake (meta) implementations
+# torch.library custom ops: opaque to torch.compile, with fake (meta) implementations.
+# One op family for both teacher forms: ``index is None``: ``t`` holds teacher logits (n, C);
+# else ``t`` holds a SparseTeacher's top-m probabilities (n, m) and ``index`` their class ids
+# (``uniform``, ``sum_tol``: its remainder rule and sum tolerance; no teacher gradient).
 # ----------------------------------------------------------------------------------------------
+
+
+def _sparse_launchers(backend: str):
+    if backend != "triton":
+        raise ValueError(f"the sparse-teacher ops run on the triton backend, got {backend!r}")
+    from ssld_kernels.triton import sparse as tr
+
+    return tr.sparse_divergence_forward, tr.sparse_divergence_backward
+
+
+def _launch_forward(s, t, index, weight, mask, spec, uniform, sum_tol, backend, grad_rows,
+                    need_grad_t):  # fmt: skip
+    """(row_loss, stats, grad_s or None, grad_t or None); gradients when ``grad_rows``."""
+    need_grad_s = grad_rows is not None
+    if index is None:
+        return _launchers(backend)[0](
+            s, t, weight, _mask_u8(mask), spec, grad_rows, need_grad_s, need_grad_t
+        )
+    row_loss, stats, gs = _sparse_launchers(backend)[0](
+        s, t, index, weight, _mask_u8(mask), spec, uniform, sum_tol, grad_rows, need_grad_s
+    )
+    return row_loss, stats, gs, None
+
+
+def _fake_rows(s: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Fake (row_loss, stats) of the forward: sparse stats are (max_s, log_sum_s, A, B)."""
+    n = s.shape[0]
+    acc = _acc(s.dtype) if index is None else torch.float32
+    width = STATS_WIDTH if index is None else SPARSE_STATS_WIDTH
+    return s.new_empty((n,), dtype=acc), s.new_empty((n, width), dtype=acc)
+
+
+def _fake_grad(x: Tensor, needed: bool) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format) if needed else _empty_grad(x)
 
 
 @torch.library.custom_op("ssld_kernels::divergence_fwd", mutates_args=())
 def _divergence_fwd(
     s: Tensor,
     t: Tensor,
+    index: Tensor | None,
     weight: Tensor | None,
     mask: Tensor | None,
     mode: int,
@@ -133,27 +172,28 @@ def _divergence_fwd(
     coef_a: float,
     coef_b: float,
     inv_temp: float,
+    uniform: bool,
+    sum_tol: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row loss (n,) and saved statistics (n, 6) of 2-D logits."""
+    """Per-row loss (n,) and the statistics the backward reuses, of 2-D logits."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    row_loss, stats, _, _ = _launchers(backend)[0](
-        s, t, weight, _mask_u8(mask), spec, None, False, False
+    row_loss, stats, _, _ = _launch_forward(
+        s, t, index, weight, mask, spec, uniform, sum_tol, backend, None, False
     )
     return row_loss, stats
 
 
 @_divergence_fwd.register_fake
-def _(s, t, weight, mask, mode, beta, coef_a, coef_b, inv_temp, backend):
-    acc = _acc(s.dtype)
-    n = s.shape[0]
-    return s.new_empty((n,), dtype=acc), s.new_empty((n, STATS_WIDTH), dtype=acc)
+def _(s, t, index, *args):
+    return _fake_rows(s, index)
 
 
 @torch.library.custom_op("ssld_kernels::divergence_bwd", mutates_args=())
 def _divergence_bwd(
     s: Tensor,
     t: Tensor,
+    index: Tensor | None,
     weight: Tensor | None,
     mask: Tensor | None,
     stats: Tensor,
@@ -163,15 +203,23 @@ def _divergence_bwd(
     coef_a: float,
     coef_b: float,
     inv_temp: float,
+    uniform: bool,
+    sum_tol: float,
     need_grad_s: bool,
     need_grad_t: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of sum_r grad_rows[r] * row_loss[r]; a skipped gradient is an empty tensor."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    gs, gt = _launchers(backend)[1](
-        s, t, weight, _mask_u8(mask), stats, grad_rows, spec, need_grad_s, need_grad_t
-    )
+    if index is None:
+        gs, gt = _launchers(backend)[1](
+            s, t, weight, _mask_u8(mask), stats, grad_rows, spec, need_grad_s, need_grad_t
+        )
+    else:
+        gs = _sparse_launchers(backend)[1](
+            s, t, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
+        )
+        gt = None
     return (
         gs if gs is not None else _empty_grad(s),
         gt if gt is not None else _empty_grad(t),
@@ -179,18 +227,16 @@ def _divergence_bwd(
 
 
 @_divergence_bwd.register_fake
-def _(
-    s, t, weight, mask, stats, grad_rows, mode, beta, coef_a, coef_b, inv_temp, ngs, ngt, backend
-):
-    gs = torch.empty_like(s, memory_format=torch.contiguous_format) if ngs else _empty_grad(s)
-    gt = torch.empty_like(t, memory_format=torch.contiguous_format) if ngt else _empty_grad(t)
-    return gs, gt
+def _(s, t, index, weight, mask, stats, grad_rows, *args):
+    need_grad_s, need_grad_t = args[-3], args[-2]
+    return _fake_grad(s, need_grad_s), _fake_grad(t, need_grad_t and index is None)
 
 
 @torch.library.custom_op("ssld_kernels::divergence_fwd_grad", mutates_args=())
 def _divergence_fwd_grad(
     s: Tensor,
     t: Tensor,
+    index: Tensor | None,
     weight: Tensor | None,
     mask: Tensor | None,
     grad_rows: Tensor,
@@ -199,46 +245,47 @@ def _divergence_fwd_grad(
     coef_a: float,
     coef_b: float,
     inv_temp: float,
+    uniform: bool,
+    sum_tol: float,
     need_grad_t: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused: per-row loss and the gradients of sum_r grad_rows[r] * row_loss[r], one pass."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    row_loss, _, gs, gt = _launchers(backend)[0](
-        s, t, weight, _mask_u8(mask), spec, grad_rows, True, need_grad_t
+    row_loss, _, gs, gt = _launch_forward(
+        s, t, index, weight, mask, spec, uniform, sum_tol, backend, grad_rows, need_grad_t
     )
     return row_loss, gs, gt if gt is not None else _empty_grad(t)
 
 
 @_divergence_fwd_grad.register_fake
-def _(s, t, weight, mask, grad_rows, mode, beta, coef_a, coef_b, inv_temp, need_grad_t, backend):
-    n = s.shape[0]
-    gs = torch.empty_like(s, memory_format=torch.contiguous_format)
-    gt = (
-        torch.empty_like(t, memory_format=torch.contiguous_format)
-        if need_grad_t
-        else _empty_grad(t)
-    )
-    return s.new_empty((n,), dtype=_acc(s.dtype)), gs, gt
+def _(s, t, index, weight, mask, grad_rows, *args):
+    need_grad_t = args[-2]
+    row_loss, _ = _fake_rows(s, index)
+    return row_loss, _fake_grad(s, True), _fake_grad(t, need_grad_t and index is None)
+
+
+_N_FWD_INPUTS = 13
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    s, t, weight, mask, mode, beta, coef_a, coef_b, inv_temp, backend = inputs
-    ctx.save_for_backward(s, t, weight, mask, output[1])
-    ctx.spec = (mode, beta, coef_a, coef_b, inv_temp)
-    ctx.backend = backend
+    s, t, index, weight, mask = inputs[:5]
+    ctx.save_for_backward(s, t, index, weight, mask, output[1])
+    ctx.args = inputs[5:-1]  # mode, beta, coef_a, coef_b, inv_temp, uniform, sum_tol
+    ctx.backend = inputs[-1]
 
 
 def _fwd_backward(ctx, grad_row_loss, _grad_stats):
-    s, t, weight, mask, stats = ctx.saved_tensors
-    need_s, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    s, t, index, weight, mask, stats = ctx.saved_tensors
+    need_s = ctx.needs_input_grad[0]
+    need_t = ctx.needs_input_grad[1] and index is None
     if grad_row_loss is None or not (need_s or need_t):
-        return (None,) * 10
+        return (None,) * _N_FWD_INPUTS
     grad_rows = grad_row_loss.to(stats.dtype)
     gs, gt = _divergence_bwd(
-        s, t, weight, mask, stats, grad_rows, *ctx.spec, need_s, need_t, ctx.backend
+        s, t, index, weight, mask, stats, grad_rows, *ctx.args, need_s, need_t, ctx.backend
     )
-    return (gs if need_s else None, gt if need_t else None) + (None,) * 8
+    return (gs if need_s else None, gt if need_t else None) + (None,) * (_N_FWD_INPUTS - 2)
 
 
 torch.library.register_autograd(
@@ -410,7 +457,7 @@ def softmax_divergence(
     if name == "torch":
         rows = reference.divergence_rows(spec, s, t, w, m)
     else:
-        rows, _ = _divergence_fwd(s, t, w, m, *spec, name)
+        rows, _ = _divergence_fwd(s, t, None, w, m, *spec, False, 0.0, name)
     return reference.reduce_rows(rows, reduction, m, lead)
 
 
@@ -465,7 +512,9 @@ def softmax_divergence_and_grad(
     if name == "torch":
         rows, gs, gt = reference.divergence_rows_and_grad(spec, s, t, grad_rows, w, m, teacher_grad)
     else:
-        rows, gs, gt = _divergence_fwd_grad(s, t, w, m, grad_rows, *spec, teacher_grad, name)
+        rows, gs, gt = _divergence_fwd_grad(
+            s, t, None, w, m, grad_rows, *spec, False, 0.0, teacher_grad, name
+        )
     loss = reference.reduce_rows(rows, reduction, m, lead)
     gs = gs.reshape(student_logits.shape)
     if teacher_grad:
@@ -580,133 +629,7 @@ class KLDivLoss(_DivergenceLoss):
 # the public SparseTeacher type and its path through the public functions.
 # ----------------------------------------------------------------------------------------------
 
-SPARSE_STATS_WIDTH = 4  # (max_s, log_sum_s, A, B)
 _INDEX_DTYPES = (torch.int64, torch.int32)
-
-
-def _sparse_launchers(backend: str):
-    if backend != "triton":
-        raise ValueError(f"the sparse-teacher ops run on the triton backend, got {backend!r}")
-    from ssld_kernels.triton import sparse as tr
-
-    return tr.sparse_divergence_forward, tr.sparse_divergence_backward
-
-
-@torch.library.custom_op("ssld_kernels::sparse_divergence_fwd", mutates_args=())
-def _sparse_divergence_fwd(
-    s: Tensor,
-    probs: Tensor,
-    index: Tensor,
-    weight: Tensor | None,
-    mask: Tensor | None,
-    mode: int,
-    beta: float,
-    coef_a: float,
-    coef_b: float,
-    inv_temp: float,
-    uniform: bool,
-    sum_tol: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss (n,) and saved statistics (n, 4) against a sparse teacher (n, m)."""
-    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    row_loss, stats, _ = _sparse_launchers(backend)[0](
-        s, probs, index, weight, _mask_u8(mask), spec, uniform, sum_tol
-    )
-    return row_loss, stats
-
-
-@_sparse_divergence_fwd.register_fake
-def _(s, probs, index, weight, mask, mode, beta, coef_a, coef_b, inv_temp, uniform, tol, backend):
-    n = s.shape[0]
-    return (
-        s.new_empty((n,), dtype=torch.float32),
-        s.new_empty((n, SPARSE_STATS_WIDTH), dtype=torch.float32),
-    )
-
-
-@torch.library.custom_op("ssld_kernels::sparse_divergence_bwd", mutates_args=())
-def _sparse_divergence_bwd(
-    s: Tensor,
-    probs: Tensor,
-    index: Tensor,
-    weight: Tensor | None,
-    mask: Tensor | None,
-    stats: Tensor,
-    grad_rows: Tensor,
-    mode: int,
-    beta: float,
-    coef_a: float,
-    coef_b: float,
-    inv_temp: float,
-    uniform: bool,
-    sum_tol: float,
-    backend: str,
-) -> Tensor:
-    """Gradient in ``s`` of sum_r grad_rows[r] * row_loss[r], from the forward's stats."""
-    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    return _sparse_launchers(backend)[1](
-        s, probs, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
-    )
-
-
-@_sparse_divergence_bwd.register_fake
-def _(s, probs, index, weight, mask, stats, grad_rows, *args):
-    return torch.empty_like(s, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("ssld_kernels::sparse_divergence_fwd_grad", mutates_args=())
-def _sparse_divergence_fwd_grad(
-    s: Tensor,
-    probs: Tensor,
-    index: Tensor,
-    weight: Tensor | None,
-    mask: Tensor | None,
-    grad_rows: Tensor,
-    mode: int,
-    beta: float,
-    coef_a: float,
-    coef_b: float,
-    inv_temp: float,
-    uniform: bool,
-    sum_tol: float,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Fused: per-row loss and the gradient in ``s`` of sum_r grad_rows[r] * row_loss[r]."""
-    spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    row_loss, _, gs = _sparse_launchers(backend)[0](
-        s, probs, index, weight, _mask_u8(mask), spec, uniform, sum_tol, grad_rows, True
-    )
-    return row_loss, gs
-
-
-@_sparse_divergence_fwd_grad.register_fake
-def _(s, probs, index, weight, mask, grad_rows, *args):
-    n = s.shape[0]
-    gs = torch.empty_like(s, memory_format=torch.contiguous_format)
-    return s.new_empty((n,), dtype=torch.float32), gs
-
-
-def _sparse_fwd_setup_context(ctx, inputs, output):
-    s, probs, index, weight, mask = inputs[:5]
-    ctx.save_for_backward(s, probs, index, weight, mask, output[1])
-    ctx.args = inputs[5:]  # mode, beta, coef_a, coef_b, inv_temp, uniform, sum_tol, backend
-
-
-def _sparse_fwd_backward(ctx, grad_row_loss, _grad_stats):
-    s, probs, index, weight, mask, stats = ctx.saved_tensors
-    if grad_row_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) * 13
-    grad_rows = grad_row_loss.to(stats.dtype)
-    gs = _sparse_divergence_bwd(s, probs, index, weight, mask, stats, grad_rows, *ctx.args)
-    return (gs,) + (None,) * 12
-
-
-torch.library.register_autograd(
-    "ssld_kernels::sparse_divergence_fwd",
-    _sparse_fwd_backward,
-    setup_context=_sparse_fwd_setup_context,
-)
 
 
 @dataclass(frozen=True, eq=False)
@@ -939,7 +862,7 @@ def _sparse_divergence(
                 spec, s, probs, index, teacher.remainder, w, m, tol
             )
         else:
-            rows, _ = _sparse_divergence_fwd(s, probs, index, w, m, *spec, uniform, tol, impl)
+            rows, _ = _divergence_fwd(s, probs, index, w, m, *spec, uniform, tol, impl)
         return reference.reduce_rows(rows, reduction, m, lead)
     s = s.detach()
     grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
@@ -948,7 +871,7 @@ def _sparse_divergence(
             spec, s, probs, index, grad_rows, teacher.remainder, w, m, tol
         )
     else:
-        rows, gs = _sparse_divergence_fwd_grad(
-            s, probs, index, w, m, grad_rows, *spec, uniform, tol, impl
+        rows, gs, _ = _divergence_fwd_grad(
+            s, probs, index, w, m, grad_rows, *spec, uniform, tol, False, impl
         )
     return reference.reduce_rows(rows, reduction, m, lead), gs.reshape(student_logits.shape)

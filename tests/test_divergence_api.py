@@ -100,16 +100,18 @@ def test_opcheck(backend):
     w = torch.rand(5) + 0.5
     m = torch.tensor([True, False, True, True, False])
     ops = torch.ops.ssld_kernels
-    torch.library.opcheck(ops.divergence_fwd, (s, t, w, m, 1, 0.5, 0.5, 0.5, 1.0, backend))
-    torch.library.opcheck(ops.divergence_fwd, (s, t, None, None, 0, 0.5, 0.5, 0.5, 0.5, backend))
-    _, stats = ops.divergence_fwd(s.detach(), t, w, m, 1, 0.5, 0.5, 0.5, 1.0, backend)
+    sp = (False, 0.0)  # dense teacher: no index, the sparse-only arguments unused
+    args = (1, 0.5, 0.5, 0.5, 1.0, *sp)
+    torch.library.opcheck(ops.divergence_fwd, (s, t, None, w, m, *args, backend))
+    args0 = (0, 0.5, 0.5, 0.5, 0.5, *sp)
+    torch.library.opcheck(ops.divergence_fwd, (s, t, None, None, None, *args0, backend))
+    _, stats = ops.divergence_fwd(s.detach(), t, None, w, m, *args, backend)
     g = torch.rand(5)
     torch.library.opcheck(
-        ops.divergence_bwd,
-        (s.detach(), t, w, m, stats, g, 1, 0.5, 0.5, 0.5, 1.0, True, True, backend),
+        ops.divergence_bwd, (s.detach(), t, None, w, m, stats, g, *args, True, True, backend)
     )
     torch.library.opcheck(
-        ops.divergence_fwd_grad, (s.detach(), t, w, m, g, 0, 0.5, 0.5, 0.5, 1.0, False, backend)
+        ops.divergence_fwd_grad, (s.detach(), t, None, w, m, g, *args, False, backend)
     )
 
 

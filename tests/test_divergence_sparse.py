@@ -450,17 +450,20 @@ def test_opcheck():
     m = torch.tensor([True, False, True, True, False])
     tol = reference.sparse_sum_tol(probs.dtype)
     ops = torch.ops.ssld_kernels
-    args = (1, 0.5, 0.5, 0.5, 1.0, True, tol, "triton")
-    torch.library.opcheck(ops.sparse_divergence_fwd, (s, probs, index, w, m, *args))
-    args0 = (0, 0.0, 0.0, 1.0, 0.5, False, tol, "triton")
-    torch.library.opcheck(ops.sparse_divergence_fwd, (s, probs, index, None, None, *args0))
-    _, stats = ops.sparse_divergence_fwd(s.detach(), probs, index, w, m, *args)
+    args = (1, 0.5, 0.5, 0.5, 1.0, True, tol)
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, w, m, *args, "triton"))
+    args0 = (0, 0.0, 0.0, 1.0, 0.5, False, tol)
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, None, None, *args0, "triton"))
+    _, stats = ops.divergence_fwd(s.detach(), probs, index, w, m, *args, "triton")
+    assert stats.shape == (5, 4)
     g = torch.rand(5)
     torch.library.opcheck(
-        ops.sparse_divergence_bwd, (s.detach(), probs, index, w, m, stats, g, *args)
+        ops.divergence_bwd,
+        (s.detach(), probs, index, w, m, stats, g, *args, True, False, "triton"),
     )
     torch.library.opcheck(
-        ops.sparse_divergence_fwd_grad, (s.detach(), probs, index.int(), w, m, g, *args0)
+        ops.divergence_fwd_grad,
+        (s.detach(), probs, index.int(), w, m, g, *args0, False, "triton"),
     )
 
 
