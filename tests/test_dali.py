@@ -1,8 +1,6 @@
 """The optional DALI training loader (CPU decoding here) against the DataLoader path, and
 the header parser it relies on against OpenCV's decoder."""
 
-import json
-import os
 import struct
 import warnings
 
@@ -248,55 +246,6 @@ def test_dali_loader_argument_errors(folder):
         DaliLoader(ds, s, 4, device=torch.device("cpu"), decode="fast")
     with pytest.raises(ValueError, match="needs a CUDA training device"):
         DaliLoader(ds, s, 4, device=torch.device("cpu"), decode="gpu")
-
-
-def test_training_with_the_dali_loader_resumes_exactly(tmp_path):
-    """`ssld train` with data.loader=dali: a run stopped and resumed equals the
-    uninterrupted one, and a run may switch between the loaders on resume."""
-    pytest.importorskip("sklearn")
-    from ssld.config import load_config
-    from ssld.data.digits import write_digits
-    from ssld.train import Trainer
-
-    digits = write_digits(tmp_path / "digits")
-
-    def cfg(out, **extra):
-        o = {
-            "data.train": digits["train"],
-            "data.unlabeled": digits["unlabeled"],
-            "data.input_size": 32,
-            "data.workers": 1,
-            "data.loader": "dali",
-            "data.dali_decode": "cpu",
-            "student.num_classes": 10,
-            "student.kwargs": "{widths: [8, 16, 32], seed: 1}",
-            "teacher.num_classes": 10,
-            "teacher.kwargs": "{seed: 2}",
-            "run.batch_size": 32,
-            "run.log_every": 1,
-            "run.progress": False,
-            "run.out": out,
-            "optim.epochs": 1,
-            "optim.base_lr": 0.4,
-        }
-        o.update(extra)
-        return load_config(None, [f"{k}={v}" for k, v in o.items()])
-
-    def losses(out):
-        recs = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-        return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
-
-    full, part = tmp_path / "full", tmp_path / "part"
-    Trainer(cfg(full, **{"run.max_steps": 8}), log=None).fit()
-    Trainer(cfg(part, **{"run.max_steps": 5}), log=None).fit()
-    Trainer(cfg(part, **{"run.max_steps": 8}), resume=True, log=None).fit()
-    a, b = losses(full), losses(part)
-    assert set(a) == set(b) == set(range(1, 9))
-    assert all(a[s] == b[s] for s in a), (a, b)
-    assert a[8] < a[1]
-    # switching to the DataLoader on resume is allowed (pixels differ by rounding only)
-    Trainer(cfg(part, **{"run.max_steps": 9, "data.loader": "torch"}), resume=True, log=None).fit()
-    assert set(losses(part)) == set(range(1, 10))
 
 
 def test_missing_dali_is_a_config_error(tmp_path, monkeypatch):

@@ -453,3 +453,21 @@ print(sum(int(b[0].sum()) for b in torch.utils.data.DataLoader(ds, **worker_opti
 """
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "6", r.stderr
+
+
+def test_training_with_the_dali_loader_resumes_exactly(digits, tmp_path):
+    """data.loader=dali (DALI's CPU path here): a run stopped and resumed equals the
+    uninterrupted one, and a run may switch loaders on resume (pixels differ by rounding)."""
+    pytest.importorskip("nvidia.dali")
+    dali = {"data.loader": "dali", "data.dali_decode": "cpu", "data.workers": 1}
+    full, part = tmp_path / "full", tmp_path / "part"
+    Trainer(_cfg(digits, full, **dali, **{"run.max_steps": 8}), log=None).fit()
+    Trainer(_cfg(digits, part, **dali, **{"run.max_steps": 5}), log=None).fit()
+    Trainer(_cfg(digits, part, **dali, **{"run.max_steps": 8}), resume=True, log=None).fit()
+    a, b = _losses(full), _losses(part)
+    assert set(a) == set(b) == set(range(1, 9))
+    assert all(a[s] == b[s] for s in a), (a, b)
+    assert a[8] < a[1]
+    torch_loader = {**dali, "data.loader": "torch", "run.max_steps": 9}
+    Trainer(_cfg(digits, part, **torch_loader), resume=True, log=None).fit()
+    assert set(_losses(part)) == set(range(1, 10))
