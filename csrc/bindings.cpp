@@ -42,7 +42,7 @@ PYBIND11_MODULE(_C, m) {
 #define F(name) .def_readwrite(#name, &ssld::KnnParams::name)
       F(q) F(q_stride) F(nq_total) F(db) F(db_stride) F(ndb_total) F(dtype) F(dim)
       F(n_groups) F(q_off) F(db_off) F(k) F(out_dist) F(out_idx) F(num_threads) F(stream)
-      F(device);
+      F(device) F(workspace) F(workspace_bytes);
 #undef F
   m.def("cpu_isa", &ssld::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("divergence_forward_cpu", &run_released<ssld::divergence_forward_cpu>);
@@ -56,6 +56,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("divergence_backward_cuda", &run_released<ssld::divergence_backward_cuda>);
   m.def("match_knn_cuda", &run_released<ssld::match_knn_cuda>,
         "exact k-nearest-neighbour matching over ragged groups on the GPU (see csrc/match.cu)");
+  m.def("match_knn_cuda_workspace_bytes", &ssld::match_knn_cuda_workspace_bytes,
+        "device workspace bytes match_knn_cuda needs for these parameters");
 #else
   m.attr("with_cuda") = false;
   m.def("cuda_device_count", []() { return 0; });

@@ -47,9 +47,11 @@
 //   The offsets are host arrays (CPU int64 tensors, as for the CPU kernel). The host splits
 //   every group with queries into tiles {q0, q1, db0, ndb} of <= BM queries (a group without
 //   database rows still gets tiles: they write +inf / -1), sorts them by decreasing database
-//   size (the long ones start first), and copies them into a device workspace allocated with
-//   cudaMallocAsync on the caller's stream and released with cudaFreeAsync on the same
-//   stream after the launch (stream ordered: no synchronisation, no leak on errors). The copy
+//   size (the long ones start first), and copies them into a device workspace: the caller's
+//   (ssld_kernels.match takes it from torch's caching allocator, sized by
+//   match_knn_cuda_workspace_bytes), else one allocated with cudaMallocAsync on the caller's
+//   stream and released with cudaFreeAsync on the same stream after the launch (stream
+//   ordered: no synchronisation, no leak on errors). The copy
 //   is a cudaMemcpyAsync from pageable memory: the CUDA runtime consumes (stages) a pageable
 //   source before the call returns, so the host vector may go away right after (the same
 //   thing torch's non_blocking copies from pageable memory rely on). The uint8 row norms live
@@ -73,6 +75,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -766,16 +769,23 @@ void launch_knn(Kernel kernel, const KArgs& args, int64_t n_tiles, int nw, int s
   kernel<<<static_cast<unsigned int>(n_tiles), nw * 32, smem, stream>>>(args);
 }
 
-}  // namespace
+// What a call runs: kernel shape (warps per block, shared memory) and the tile schedule:
+// tiles of <= 16 * nw queries of one group, largest database first. Reads device attributes
+// (call under a DeviceGuard) and throws the kernel's limits as invalid_argument.
+struct KnnPlan {
+  bool u8 = true;
+  int64_t esize = 1, row_bytes = 0, nk = 0;
+  int nw = kMaxWarps, smem = 0;
+  std::vector<KTile> tiles;
+  std::size_t tiles_bytes = 0, qn_bytes = 0, dbn_bytes = 0;  // workspace: [tiles | norms]
+  std::size_t workspace_bytes() const {
+    return tiles.empty() ? 0 : tiles_bytes + qn_bytes + dbn_bytes;
+  }
+};
 
-void match_knn_cuda(const KnnParams& p) {
-  check_knn_params_cuda(p);
-  if (p.nq_total == 0) return;
+KnnPlan plan_knn(const KnnParams& p) {
   const auto* q_off = reinterpret_cast<const int64_t*>(p.q_off);
   const auto* db_off = reinterpret_cast<const int64_t*>(p.db_off);
-
-  DeviceGuard guard(p.device);
-  cudaGetLastError();  // drop errors left by earlier failed calls (sticky errors resurface)
   int cc_major = 0, cc_minor = 0, smem_optin = 0;
   check_cuda(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, p.device),
              "cudaDeviceGetAttribute");
@@ -788,39 +798,56 @@ void match_knn_cuda(const KnnParams& p) {
                                 "(cp.async, int8 mma); device " + std::to_string(p.device) +
                                 " is " + std::to_string(cc_major) + "." +
                                 std::to_string(cc_minor) + " (use backend 'triton' or 'torch')");
-
-  const bool u8 = p.dtype == kUInt8;
-  const int64_t esize = u8 ? 1 : 4;
-  const int64_t row_bytes = p.dim * esize;
-  const int64_t nk = (row_bytes + kChunkBytes - 1) / kChunkBytes;
-  const bool q_resident = nk == 1;
-  int nw = kMaxWarps;
-  while (nw > 1 && smem_layout(u8, nw, q_resident, p.k).total > smem_optin) nw >>= 1;
-  const int smem = smem_layout(u8, nw, q_resident, p.k).total;
-  if (smem > smem_optin)
-    throw std::runtime_error("match_knn (cuda): needs " + std::to_string(smem) +
+  KnnPlan plan;
+  plan.u8 = p.dtype == kUInt8;
+  plan.esize = plan.u8 ? 1 : 4;
+  plan.row_bytes = p.dim * plan.esize;
+  plan.nk = (plan.row_bytes + kChunkBytes - 1) / kChunkBytes;
+  const bool q_resident = plan.nk == 1;
+  while (plan.nw > 1 && smem_layout(plan.u8, plan.nw, q_resident, p.k).total > smem_optin)
+    plan.nw >>= 1;
+  plan.smem = smem_layout(plan.u8, plan.nw, q_resident, p.k).total;
+  if (plan.smem > smem_optin)
+    throw std::runtime_error("match_knn (cuda): needs " + std::to_string(plan.smem) +
                              " bytes of shared memory per block for k = " + std::to_string(p.k) +
                              ", the device allows " + std::to_string(smem_optin));
-  const int64_t bm = int64_t{nw} * kWarpRows;
-
-  // Schedule: tiles of <= bm queries of one group, largest database first.
-  std::vector<KTile> tiles;
+  const int64_t bm = int64_t{plan.nw} * kWarpRows;
   for (int64_t g = 0; g < p.n_groups; ++g) {
     const int64_t ndb = db_off[g + 1] - db_off[g];
     for (int64_t q0 = q_off[g]; q0 < q_off[g + 1]; q0 += bm)
-      tiles.push_back(KTile{q0, std::min(q0 + bm, q_off[g + 1]), db_off[g], ndb});
+      plan.tiles.push_back(KTile{q0, std::min(q0 + bm, q_off[g + 1]), db_off[g], ndb});
   }
-  if (tiles.empty()) return;
-  if (tiles.size() > static_cast<std::size_t>(INT32_MAX))
+  if (plan.tiles.size() > static_cast<std::size_t>(INT32_MAX))
     throw std::invalid_argument("match_knn (cuda): too many query tiles");
-  std::stable_sort(tiles.begin(), tiles.end(),
+  std::stable_sort(plan.tiles.begin(), plan.tiles.end(),
                    [](const KTile& x, const KTile& y) { return x.ndb > y.ndb; });
-  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  plan.tiles_bytes = round_up(plan.tiles.size() * sizeof(KTile), 256);
+  plan.qn_bytes = plan.u8 ? round_up(static_cast<std::size_t>(p.nq_total) * 4, 256) : 0;
+  plan.dbn_bytes = plan.u8 ? static_cast<std::size_t>(p.ndb_total) * 4 : 0;
+  return plan;
+}
 
-  // Workspace: [tiles | q norms | db norms] (norms: uint8 only).
-  const std::size_t tiles_bytes = round_up(tiles.size() * sizeof(KTile), 256);
-  const std::size_t qn_bytes = u8 ? round_up(static_cast<std::size_t>(p.nq_total) * 4, 256) : 0;
-  const std::size_t dbn_bytes = u8 ? static_cast<std::size_t>(p.ndb_total) * 4 : 0;
+}  // namespace
+
+std::size_t match_knn_cuda_workspace_bytes(const KnnParams& p) {
+  check_knn_params_cuda(p);
+  if (p.nq_total == 0) return 0;
+  DeviceGuard guard(p.device);
+  return plan_knn(p).workspace_bytes();
+}
+
+void match_knn_cuda(const KnnParams& p) {
+  check_knn_params_cuda(p);
+  if (p.nq_total == 0) return;
+  DeviceGuard guard(p.device);
+  cudaGetLastError();  // drop errors left by earlier failed calls (sticky errors resurface)
+  const KnnPlan plan = plan_knn(p);
+  if (plan.tiles.empty()) return;
+  const bool u8 = plan.u8;
+  const int nw = plan.nw, smem = plan.smem;
+  const auto& tiles = plan.tiles;
+  const int64_t n_tiles = static_cast<int64_t>(tiles.size());
+  const std::size_t tiles_bytes = plan.tiles_bytes, qn_bytes = plan.qn_bytes;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(p.stream);
   // The host-built schedule cannot be recorded into a CUDA graph (its buffer is freed).
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
@@ -828,24 +855,35 @@ void match_knn_cuda(const KnnParams& p) {
   if (capture != cudaStreamCaptureStatusNone)
     throw std::invalid_argument(
         "match_knn (cuda): cannot run under CUDA graph capture (host-built tile schedule)");
-  StreamBuffer ws(tiles_bytes + qn_bytes + dbn_bytes, stream);
+  // Workspace: the caller's (torch's caching allocator: match.py asks for
+  // match_knn_cuda_workspace_bytes), else our own, released in stream order.
+  std::unique_ptr<StreamBuffer> own;
+  unsigned char* ws = reinterpret_cast<unsigned char*>(p.workspace);
+  if (ws == nullptr) {
+    own = std::make_unique<StreamBuffer>(plan.workspace_bytes(), stream);
+    ws = own->get();
+  } else if (p.workspace_bytes < plan.workspace_bytes()) {
+    throw std::invalid_argument("match_knn (cuda): workspace of " +
+                                std::to_string(p.workspace_bytes) + " bytes, " +
+                                std::to_string(plan.workspace_bytes()) + " needed");
+  }
   // Pageable source: consumed before cudaMemcpyAsync returns (see the header comment).
-  check_cuda(cudaMemcpyAsync(ws.get(), tiles.data(), tiles.size() * sizeof(KTile),
+  check_cuda(cudaMemcpyAsync(ws, tiles.data(), tiles.size() * sizeof(KTile),
                              cudaMemcpyHostToDevice, stream),
              "cudaMemcpyAsync (schedule)");
 
   KArgs args;
   args.q = reinterpret_cast<const unsigned char*>(p.q);
-  args.q_pitch = p.q_stride * esize;
+  args.q_pitch = p.q_stride * plan.esize;
   args.db = reinterpret_cast<const unsigned char*>(p.db);
-  args.db_pitch = p.db_stride * esize;
-  args.row_bytes = row_bytes;
+  args.db_pitch = p.db_stride * plan.esize;
+  args.row_bytes = plan.row_bytes;
   args.dim = p.dim;
-  args.nk = nk;
+  args.nk = plan.nk;
   args.k = p.k;
-  args.tiles = reinterpret_cast<const KTile*>(ws.get());
-  args.q_norm = u8 ? reinterpret_cast<const int32_t*>(ws.get() + tiles_bytes) : nullptr;
-  args.db_norm = u8 ? reinterpret_cast<const int32_t*>(ws.get() + tiles_bytes + qn_bytes) : nullptr;
+  args.tiles = reinterpret_cast<const KTile*>(ws);
+  args.q_norm = u8 ? reinterpret_cast<const int32_t*>(ws + tiles_bytes) : nullptr;
+  args.db_norm = u8 ? reinterpret_cast<const int32_t*>(ws + tiles_bytes + qn_bytes) : nullptr;
   args.out_dist = reinterpret_cast<float*>(p.out_dist);
   args.out_idx = reinterpret_cast<int64_t*>(p.out_idx);
 

@@ -49,6 +49,8 @@ struct KnnParams {
   std::uintptr_t stream = 0;     // CUDA: cudaStream_t of every launch (q, db, outputs on `device`;
                                  //   q_off / db_off stay host arrays, read by the host)
   int device = 0;                // CUDA: device index of every pointer
+  std::uintptr_t workspace = 0;  // CUDA: optional device buffer on `device` for the schedule and
+  std::uint64_t workspace_bytes = 0;  //   norms (>= match_knn_cuda_workspace_bytes); 0: own
 };
 
 // Argument checks shared by the CPU and CUDA kernels (readable std::invalid_argument).
@@ -101,5 +103,7 @@ inline void check_knn_params(const KnnParams& p) {
 
 void match_knn_cpu(const KnnParams& p);
 void match_knn_cuda(const KnnParams& p);  // csrc/match.cu (builds with SSLD_WITH_CUDA only)
+// Device workspace bytes match_knn_cuda needs for `p` (0: none); checks `p` like the call.
+std::size_t match_knn_cuda_workspace_bytes(const KnnParams& p);
 
 }  // namespace ssld

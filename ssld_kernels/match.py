@@ -49,6 +49,10 @@ def _ext_launch(q, db, q_off, db_off, k, cuda: bool):
     if cuda:
         p.device = q.device.index
         p.stream = torch.cuda.current_stream(q.device).cuda_stream
+        # schedule + norms in torch's caching allocator (freed in stream order by torch)
+        nbytes = ext().match_knn_cuda_workspace_bytes(p)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device)
+        p.workspace, p.workspace_bytes = workspace.data_ptr(), nbytes
         ext().match_knn_cuda(p)
     else:
         p.num_threads = torch.get_num_threads()

@@ -332,3 +332,42 @@ def test_opcheck(dtype):
     offs = torch.tensor([0, 4, 9])
     doffs = torch.tensor([0, 12, 20])
     torch.library.opcheck(torch.ops.ssld_kernels.match_knn_ragged, (q, db, offs, doffs, 3, "cuda"))
+
+
+def test_workspace_from_torch_and_own_fallback():
+    """match.py passes a workspace from torch's caching allocator (sized by
+    match_knn_cuda_workspace_bytes); without one the kernel allocates its own; a too small
+    one is refused. All three give the cpu result."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 256, (300, 128), dtype=torch.uint8, generator=g)
+    db = torch.randint(0, 256, (900, 128), dtype=torch.uint8, generator=g)
+    want = sk.match_knn(q, db, k=2, backend="cpu")
+    got = sk.match_knn(q.cuda(), db.cuda(), k=2, backend="cuda")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+
+    def params(qc, dbc, dist, idx):
+        p = ext().KnnParams()
+        p.q, p.q_stride, p.nq_total = qc.data_ptr(), qc.stride(0), qc.shape[0]
+        p.db, p.db_stride, p.ndb_total = dbc.data_ptr(), dbc.stride(0), dbc.shape[0]
+        p.dtype, p.dim, p.k = 4, 128, 2
+        off_q = torch.tensor([0, qc.shape[0]], dtype=torch.int64)
+        off_db = torch.tensor([0, dbc.shape[0]], dtype=torch.int64)
+        p.n_groups, p.q_off, p.db_off = 1, off_q.data_ptr(), off_db.data_ptr()
+        p.out_dist, p.out_idx = dist.data_ptr(), idx.data_ptr()
+        p.device = qc.device.index
+        p.stream = torch.cuda.current_stream().cuda_stream
+        return p, (off_q, off_db)
+
+    qc, dbc = q.cuda(), db.cuda()
+    dist = torch.empty((300, 2), dtype=torch.float32, device="cuda")
+    idx = torch.empty((300, 2), dtype=torch.int64, device="cuda")
+    p, keep = params(qc, dbc, dist, idx)
+    need = ext().match_knn_cuda_workspace_bytes(p)
+    assert need >= 300 * 4 + 900 * 4  # the uint8 row norms live there too
+    ext().match_knn_cuda(p)  # no workspace: its own (cudaMallocAsync)
+    torch.cuda.synchronize()
+    assert torch.equal(dist.cpu(), want[0]) and torch.equal(idx.cpu(), want[1])
+    small = torch.empty(need - 1, dtype=torch.uint8, device="cuda")
+    p.workspace, p.workspace_bytes = small.data_ptr(), need - 1
+    with pytest.raises(ValueError, match="needed"):
+        ext().match_knn_cuda(p)
