@@ -145,6 +145,8 @@ class DaliLoader:
         if decode not in DECODE_CHOICES:
             raise ValueError(f"decode must be one of {DECODE_CHOICES}, got {decode!r}")
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if decode == "auto":
             decode = "gpu" if device.type == "cuda" else "cpu"
         if decode == "gpu" and device.type != "cuda":
