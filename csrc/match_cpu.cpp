@@ -381,6 +381,31 @@ SSLD_KNN_INLINE void insert(int32_t* ks, int64_t* is, int k, int32_t c, int64_t 
   is[pos] = j;
 }
 
+// Inserts the candidates of one panel row (keys[j] for the bits j of m, local index c0 + j)
+// by selecting its best ones first: the k smallest (key, index) pairs of the row, extracted
+// in that order, are all a sequential insertion could keep (the others have k better ones
+// beside them), and inserting them in (key, index) order keeps ties exact (equal keys come
+// out in ascending index, and every index of the panel is above those already in the list).
+// Used when many lanes pass the stale threshold (the first panels of a query), where the
+// one-candidate-at-a-time loop would branch on every lane.
+constexpr int kSelectMaxK = 4;
+
+SSLD_KNN_NOINLINE void select_insert(const int32_t* keys, uint64_t m, int32_t* ks, int64_t* is,
+                                     int k, int64_t c0) {
+  alignas(64) int32_t tmp[P];
+  for (int j = 0; j < P; ++j)
+    tmp[j] = ((m >> j) & 1) ? keys[j] : kMissingKey;  // real keys are < kMissingKey
+  for (int r = 0; r < k; ++r) {
+    int32_t best = kMissingKey;
+    for (int j = 0; j < P; ++j) best = std::min(best, tmp[j]);
+    if (best >= ks[k - 1]) return;  // nothing left enters (also: no candidates left)
+    int j = 0;
+    while (tmp[j] != best) ++j;  // the lowest index holding it
+    insert(ks, is, k, best, c0 + j);
+    tmp[j] = kMissingKey;
+  }
+}
+
 void run_task(const Ctx& c, const Task& t, Scratch& s) {
   const KnnParams& p = *c.p;
   const int k = p.k;
@@ -462,6 +487,10 @@ void run_task(const Ctx& c, const Task& t, Scratch& s) {
           if (m == 0) continue;
           int32_t* ks = state + (r0 + i) * k;
           int64_t* is = out_idx + (r0 + i) * k;
+          if (k <= kSelectMaxK && __builtin_popcountll(m) > 4 * k) {
+            select_insert(keys + i * P, m, ks, is, k, c0);
+            continue;
+          }
           while (m != 0) {
             const int j = __builtin_ctzll(m);
             m &= m - 1;

@@ -82,13 +82,16 @@ def test_knn_matches_brute_force(backend, device, nq, ndb, dim, dtype, k):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-def test_ties_go_to_lower_index(backend, device):
-    gen = torch.Generator().manual_seed(3)
+@pytest.mark.parametrize("k", [1, 2, 4, 10])  # k <= 4: the CPU kernel's select-first path
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+def test_ties_go_to_lower_index(backend, device, k, dtype):
+    gen = torch.Generator().manual_seed(3 + k)
     db = torch.randint(0, 2, (200, 16), generator=gen, dtype=torch.uint8)  # many exact ties
     db = torch.cat([db, db])  # duplicated rows: equal distances at i and i + 200
     q = torch.randint(0, 2, (50, 16), generator=gen, dtype=torch.uint8)
-    dist, idx = (t.cpu() for t in sk.match_knn(q.to(device), db.to(device), 10, backend=backend))
-    ref_d, ref_i = _brute(q, db, 10)
+    q, db = q.to(dtype), db.to(dtype)  # small integers: exact in float32 too
+    dist, idx = (t.cpu() for t in sk.match_knn(q.to(device), db.to(device), k, backend=backend))
+    ref_d, ref_i = _brute(q, db, k)
     assert torch.equal(dist, ref_d) and torch.equal(idx, ref_i)
     # within equal distances the indices increase
     same = dist[:, 1:] == dist[:, :-1]
