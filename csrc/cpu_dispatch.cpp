@@ -1,6 +1,11 @@
 // Picks the CPU kernel variant for the running processor. csrc/divergence_cpu.cpp and
 // csrc/match_cpu.cpp are compiled once per instruction set (see CMakeLists.txt) into
 // namespaces ssld::base / avx2 / avx512.
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
 #include "common.h"
 #include "match.h"
 
@@ -20,18 +25,44 @@ SSLD_DECLARE_ISA(avx512)
 #endif
 #undef SSLD_DECLARE_ISA
 
-const char* cpu_isa() {
+namespace {
+bool supported(const std::string& isa) {
 #ifdef SSLD_HAVE_ISA_AVX512
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return "avx512";
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #endif
 #ifdef SSLD_HAVE_ISA_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return "avx2";
+  if (isa == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #endif
+  return isa == "base";
+}
+
+// The best compiled variant this CPU runs, or the one SSLD_KERNELS_CPU_ISA names (for tests
+// of the other variants and for comparisons; refused if not compiled in or not supported).
+const char* pick_isa() {
+  static const char* const kOrder[] = {"avx512", "avx2", "base"};
+  if (const char* want = std::getenv("SSLD_KERNELS_CPU_ISA"); want != nullptr && *want) {
+    for (const char* isa : kOrder)
+      if (std::strcmp(want, isa) == 0 && supported(isa)) return isa;
+    std::string ok;
+    for (const char* isa : kOrder)
+      if (supported(isa)) ok += std::string(ok.empty() ? "" : ", ") + isa;
+    throw std::invalid_argument(std::string("SSLD_KERNELS_CPU_ISA=") + want +
+                                ": not a CPU kernel variant this build and CPU can run (" + ok +
+                                ")");
+  }
+  for (const char* isa : kOrder)
+    if (supported(isa)) return isa;
   return "base";
+}
+}  // namespace
+
+const char* cpu_isa() {
+  static const char* const isa = pick_isa();
+  return isa;
 }
 
 namespace {
