@@ -91,6 +91,7 @@ struct Vec {
   static SSLD_KNN_INLINE I iset(int32_t x) { return _mm512_set1_epi32(x); }
   static SSLD_KNN_INLINE I iadd(I a, I b) { return _mm512_add_epi32(a, b); }
   static SSLD_KNN_INLINE I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static SSLD_KNN_INLINE I imin(I a, I b) { return _mm512_min_epi32(a, b); }
   static SSLD_KNN_INLINE I dot2(I acc, I a, I b) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
   }
@@ -130,6 +131,7 @@ struct Vec {
   static SSLD_KNN_INLINE I iset(int32_t x) { return _mm256_set1_epi32(x); }
   static SSLD_KNN_INLINE I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   static SSLD_KNN_INLINE I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static SSLD_KNN_INLINE I imin(I a, I b) { return _mm256_min_epi32(a, b); }
   static SSLD_KNN_INLINE I dot2(I acc, I a, I b) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
   }
@@ -174,6 +176,10 @@ struct Vec {
   static SSLD_KNN_INLINE I iset(int32_t x) { return _mm_set1_epi32(x); }
   static SSLD_KNN_INLINE I iadd(I a, I b) { return _mm_add_epi32(a, b); }
   static SSLD_KNN_INLINE I isub(I a, I b) { return _mm_sub_epi32(a, b); }
+  static SSLD_KNN_INLINE I imin(I a, I b) {  // SSE2 has no pminsd
+    const I gt = _mm_cmpgt_epi32(a, b);
+    return _mm_or_si128(_mm_and_si128(gt, b), _mm_andnot_si128(gt, a));
+  }
   static SSLD_KNN_INLINE I dot2(I acc, I a, I b) { return _mm_add_epi32(acc, _mm_madd_epi16(a, b)); }
   static constexpr bool kHaveVnni = false;
   static SSLD_KNN_INLINE I dot2_vnni(I acc, I a, I b) { return dot2(acc, a, b); }
@@ -211,6 +217,7 @@ struct Vec {
   static SSLD_KNN_INLINE I isub(I a, I b) {
     return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
   }
+  static SSLD_KNN_INLINE I imin(I a, I b) { return a < b ? a : b; }
   static SSLD_KNN_INLINE I dot2(I acc, I a, I b) {
     const int32_t lo = static_cast<int16_t>(a & 0xffff) * static_cast<int16_t>(b & 0xffff);
     const int32_t hi = static_cast<int16_t>(static_cast<uint32_t>(a) >> 16) *
@@ -396,11 +403,17 @@ SSLD_KNN_NOINLINE void select_insert(const int32_t* keys, uint64_t m, int32_t* k
   for (int j = 0; j < P; ++j)
     tmp[j] = ((m >> j) & 1) ? keys[j] : kMissingKey;  // real keys are < kMissingKey
   for (int r = 0; r < k; ++r) {
-    int32_t best = kMissingKey;
-    for (int j = 0; j < P; ++j) best = std::min(best, tmp[j]);
+    Vec::I v = Vec::iload(tmp);
+    for (int n = 1; n < NR; ++n) v = Vec::imin(v, Vec::iload(tmp + n * L));
+    alignas(64) int32_t lanes[L];
+    Vec::istore(lanes, v);
+    int32_t best = lanes[0];
+    for (int l = 1; l < L; ++l) best = std::min(best, lanes[l]);
     if (best >= ks[k - 1]) return;  // nothing left enters (also: no candidates left)
-    int j = 0;
-    while (tmp[j] != best) ++j;  // the lowest index holding it
+    const Vec::I above = Vec::iset(best + 1);  // best < kMissingKey: no overflow
+    uint64_t at = 0;  // lanes holding best (nothing is below it)
+    for (int n = 0; n < NR; ++n) at |= Vec::lt(Vec::iload(tmp + n * L), above) << (n * L);
+    const int j = __builtin_ctzll(at);  // the lowest index holding it
     insert(ks, is, k, best, c0 + j);
     tmp[j] = kMissingKey;
   }
