@@ -3,6 +3,7 @@ the header parser it relies on against OpenCV's decoder."""
 
 import struct
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 cv2 = pytest.importorskip("cv2")
 skdata = pytest.importorskip("skimage.data")
 
-from ssld.data.imagesize import image_size  # noqa: E402
+from ssld.data.imagesize import image_size, jpeg_complete  # noqa: E402
 from ssld.data.train import ResumableSampler, TrainSet, TrainTransform  # noqa: E402
 
 
@@ -73,6 +74,30 @@ def test_image_size_applies_exif_orientation_like_opencv(little):
         assert image_size(data) == want, orientation
 
 
+def test_image_size_orientation_stored_as_long_and_in_png():
+    rgb = np.ascontiguousarray(skdata.astronaut()[:200, :330])
+    jpeg = _encode(rgb, ".jpg")
+    tiff = b"II" + struct.pack("<HI", 42, 8) + struct.pack("<H", 1)
+    tiff += struct.pack("<HHII", 0x0112, 4, 1, 6) + struct.pack("<I", 0)  # LONG, value 6
+    body = b"Exif\0\0" + tiff
+    data = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+    assert _decoded_hw(data) == (330, 200) == image_size(data)
+    png = _encode(rgb, ".png")
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff
+    chunk += struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    data = png[:33] + chunk + png[33:]  # after IHDR (8 + 25 bytes), before IDAT
+    assert image_size(data) == (330, 200)
+    if _decoded_hw(data) == (330, 200):  # OpenCV versions that apply PNG eXIf agree
+        assert image_size(data) == _decoded_hw(data)
+
+
+def test_jpeg_complete():
+    jpeg = _encode(skdata.coffee(), ".jpg")
+    assert jpeg_complete(jpeg) and jpeg_complete(jpeg + b"trailing bytes")
+    assert not jpeg_complete(jpeg[:-2]) and not jpeg_complete(jpeg[: len(jpeg) // 2])
+    assert not jpeg_complete(jpeg[: jpeg.find(b"\xff\xda")])
+
+
 def test_image_size_rejects_what_it_cannot_read():
     jpeg = _encode(skdata.coffee(), ".jpg")
     sof = jpeg.find(b"\xff\xc0")
@@ -95,9 +120,10 @@ from ssld.data.dali import DaliLoader  # noqa: E402
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """Two classes of photos (JPEG, PNG, an EXIF-rotated JPEG, sizes below the crop) plus
-    bad files: text named .jpg, an empty file, a JPEG cut after its frame header or after
-    its scan header (DALI fails on that one: the batch falls back to OpenCV) and a header
-    claiming 60000 x 60000 pixels (bad: black, ok = False)."""
+    a JPEG cut inside its scan (OpenCV decodes part of it: the DALI source hands that over
+    as PNG) and bad files: text named .jpg, an empty file, a JPEG cut after its frame
+    header, a header claiming 60000 x 60000 pixels and a scan naming a missing component
+    (DALI's decoder fails on it: the batch falls back to OpenCV) (black, ok = False)."""
     root = tmp_path_factory.mktemp("dali_set")
     photos = _photos() + [skdata.camera(), np.ascontiguousarray(skdata.chelsea()[:40, :50])]
     files = []
@@ -113,7 +139,10 @@ def folder(tmp_path_factory):
     jpeg = _encode(skdata.coffee(), ".jpg")
     files.append(("c0/text.jpg", b"not an image at all\n" * 5))
     files.append(("c1/header_only.jpg", jpeg[: jpeg.find(b"\xff\xc0") + 19]))
-    files.append(("c0/cut_in_scan.jpg", jpeg[: jpeg.find(b"\xff\xda") + 14]))
+    sos = jpeg.find(b"\xff\xda")
+    files.append(("c0/cut_in_scan.jpg", jpeg[: sos + 14]))  # OpenCV decodes part of it
+    bad_scan = jpeg[: sos + 5] + b"\x09" + jpeg[sos + 6 :]  # scan names a missing component
+    files.append(("c1/bad_scan.jpg", bad_scan))
     sof = jpeg.find(b"\xff\xc0")
     huge = jpeg[: sof + 5] + (60000).to_bytes(2, "big") * 2 + jpeg[sof + 9 :]
     files.append(("c1/huge.jpg", huge))  # OpenCV raises on > 2^30 pixels
@@ -127,8 +156,9 @@ def folder(tmp_path_factory):
     return root, paths, labels
 
 
-BAD = ("c0/text.jpg", "c1/header_only.jpg", "c0/empty.png", "c1/huge.jpg")
-CUT = "c0/cut_in_scan.jpg"  # OpenCV decodes what is there, DALI refuses: fallback
+BAD = ("c0/text.jpg", "c1/header_only.jpg", "c0/empty.png", "c1/huge.jpg", "c1/bad_scan.jpg")
+# a complete header that DALI's decoder refuses (OpenCV too): the batch falls back to OpenCV
+REFUSED = "c1/bad_scan.jpg"
 
 
 def _dataset(folder, size=48, drop=()):
@@ -180,12 +210,10 @@ def test_dali_loader_matches_the_dataloader(folder):
             _compare(got, _torch_batches(ds, sampler, mb), ds)
             for _, _, ok, idx in got:
                 for good, i in zip(ok.tolist(), idx.tolist()):
-                    if ds.paths[i] == CUT:
-                        continue  # as the DataLoader says (compared above)
                     assert good == (ds.paths[i] not in BAD), ds.paths[i]
                     if not good:
                         seen_bad.add(ds.paths[i])
-            cut = ds.paths.index(CUT)
+            cut = ds.paths.index(REFUSED)
             if any(cut in i.tolist() for _, _, _, i in got):
                 assert any("decoding it with OpenCV" in str(x.message) for x in w)
         fallbacks += loader.fallbacks
@@ -193,7 +221,7 @@ def test_dali_loader_matches_the_dataloader(folder):
 
 
 def test_dali_loader_resumes_mid_epoch_and_reuses_its_pipeline(folder):
-    ds = _dataset(folder, drop=(CUT,))  # no fallbacks: they restart the pipeline
+    ds = _dataset(folder, drop=(REFUSED,))  # no fallbacks: they restart the pipeline
     mb = 3
     sampler = ResumableSampler(len(ds), mb, seed=1)
     loader = DaliLoader(ds, sampler, mb, device=torch.device("cpu"), decode="cpu", workers=1)
@@ -218,6 +246,25 @@ def test_dali_loader_resumes_mid_epoch_and_reuses_its_pipeline(folder):
     sampler.set_epoch(6)
     again = next(iter(loader))
     assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_fallback_restarts_at_the_next_micro_batch(folder):
+    """Micro-batches smaller than the global batch (gradient accumulation): a batch DALI
+    refuses is decoded by OpenCV and the pipeline resumes at the next micro-batch."""
+    ds = _dataset(folder)
+    refused = ds.paths.index(REFUSED)
+    for seed in range(20):  # a seed putting the refused file early in the epoch
+        sampler = ResumableSampler(len(ds), 8, seed=seed)
+        sampler.set_epoch(0)
+        if [i for i, _ in sampler][:12].count(refused):
+            break
+    loader = DaliLoader(ds, sampler, 4, device=torch.device("cpu"), decode="cpu", workers=1)
+    sampler.set_epoch(0)
+    with pytest.warns(RuntimeWarning, match="micro-batch"):
+        got = list(loader)
+    sampler.set_epoch(0)
+    _compare(got, _torch_batches(ds, sampler, 4), ds)
+    assert loader.fallbacks == 1 and len(got) == len(loader) == (len(ds) // 8) * 2
 
 
 @pytest.mark.cuda

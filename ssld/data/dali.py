@@ -15,11 +15,15 @@ pixels differ from the OpenCV path only by decoder and interpolation rounding.
 
 Batches: ``(uint8 (N, 3, S, S) on the device, labels, ok, indices[, filled, probs, ids])``
 like the DataLoader's. Files are read, and headers parsed, by DALI's parallel external
-source (``workers // 4`` spawned processes, at least one). A file that cannot be read, or
-whose header is not a JPEG/PNG header OpenCV can make sense of, becomes a black image with ``ok = False``; if DALI
+source (``workers // 4`` spawned processes, at least one). Files DALI would refuse or that
+cannot be sized from the header (other formats, odd headers, JPEGs cut before their end
+marker, which OpenCV decodes partially) are decoded there with OpenCV and handed over as
+lossless PNG; what OpenCV cannot read becomes a black image with ``ok = False``. If DALI
 still fails on a batch (a corrupt body it refuses), that batch is decoded with OpenCV by the
-DataLoader's code and the pipeline restarts at the next batch, so a broken file never stops
-a run. ``decode="cpu"`` runs everything on the CPU (DALI CPU operators): no GPU needed,
+DataLoader's code and the pipeline restarts at the next micro-batch, so a broken file never
+stops a run. The pipeline's reader processes are spawned: a script that builds a loader
+must be importable (``if __name__ == "__main__":``); the ``ssld`` CLI is.
+``decode="cpu"`` runs everything on the CPU (DALI CPU operators): no GPU needed,
 which is how the tests run it.
 """
 
@@ -30,7 +34,8 @@ import warnings
 import numpy as np
 import torch
 
-from ssld.data.imagesize import image_size
+from ssld.data import read_bgr
+from ssld.data.imagesize import image_size, jpeg_complete
 from ssld.data.train import ResumableSampler, TrainSet
 
 DECODE_CHOICES = ("auto", "gpu", "cpu")
@@ -63,15 +68,15 @@ class _Source:
     """DALI parallel external source: encoded bytes and crop windows of one micro-batch.
 
     Called in DALI's worker processes with ``info.iteration`` (batch within the epoch) and
-    ``info.epoch_idx`` (epochs since the pipeline was built: epoch ``epoch0 + epoch_idx``,
-    starting at batch ``start0`` in the first one).
+    ``info.epoch_idx`` (epochs since the pipeline was built: epoch ``epoch0 + epoch_idx``;
+    the first one starts at global batch ``start0``, then skips ``skip0`` micro-batches).
     """
 
     def __init__(self, dataset: TrainSet, sampler: ResumableSampler, micro_batch: int,
-                 epoch0: int, start0: int):  # fmt: skip
+                 epoch0: int, start0: int, skip0: int = 0):  # fmt: skip
         self.dataset, self.micro_batch = dataset, micro_batch
         self.sampler_args = (sampler.n, sampler.B, sampler.world, sampler.rank, sampler.seed)
-        self.epoch0, self.start0 = epoch0, start0
+        self.epoch0, self.start0, self.skip0 = epoch0, start0, skip0
         self._keys = (None, None)
         self._placeholder = None
 
@@ -86,13 +91,20 @@ class _Source:
         """(bytes, (y, x), (h, w), flip, ok) of one image."""
         ds = self.dataset
         try:
-            data = np.fromfile(ds.roots[ds.source[index]] / ds.paths[index], dtype=np.uint8)
+            path = ds.roots[ds.source[index]] / ds.paths[index]
+            data = np.fromfile(path, dtype=np.uint8)
             hw = image_size(data)
-            if hw is None:  # not JPEG/PNG (or an odd header): ask OpenCV
+            if hw is not None and data[0] == 0xFF and not jpeg_complete(data):
+                hw = None  # a cut JPEG: DALI refuses it, OpenCV decodes what is there
+            if hw is None:  # not JPEG/PNG, an odd header or a cut file: decode with OpenCV
                 import cv2
 
-                img = cv2.imdecode(data, cv2.IMREAD_COLOR)
-                hw = None if img is None else img.shape[:2]
+                img = read_bgr(path)  # as the DataLoader path reads it
+                if img is None:
+                    hw = None
+                else:  # hand DALI the decoded pixels, losslessly (EXIF already applied)
+                    good, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+                    data, hw = (buf.reshape(-1), img.shape[:2]) if good else (data, None)
             if hw is not None and hw[0] * hw[1] <= MAX_PIXELS:
                 y, x, ch, cw, flip = ds.transform.params(hw[0], hw[1], view, index)
                 return data, (y, x), (ch, cw), flip, True
@@ -105,13 +117,14 @@ class _Source:
     def __call__(self, info):
         k = info.epoch_idx
         epoch, start = self.epoch0 + k, self.start0 if k == 0 else 0
+        b = info.iteration + (self.skip0 if k == 0 else 0)  # micro-batch of this pass
         keys = self.keys(epoch, start)
         mb = self.micro_batch
-        if (info.iteration + 1) * mb > len(keys):
+        if (b + 1) * mb > len(keys):
             raise StopIteration
         view = self.dataset.view(epoch)
         enc, anchor, shape, flip, ok = [], [], [], [], []
-        for index in keys[info.iteration * mb : (info.iteration + 1) * mb]:
+        for index in keys[b * mb : (b + 1) * mb]:
             d, a, s, f, good = self.sample(index, view)
             enc.append(d)
             anchor.append(np.asarray(a, np.int32))
@@ -165,7 +178,7 @@ class DaliLoader:
     def __len__(self) -> int:
         return len(self.sampler) // self.micro_batch
 
-    def _build(self, epoch: int, start: int):
+    def _build(self, epoch: int, start: int, skip: int = 0):
         import nvidia.dali.fn as fn
         import nvidia.dali.types as types
         from nvidia.dali import pipeline_def
@@ -174,7 +187,7 @@ class DaliLoader:
         ds = self.dataset
         source_ds = TrainSet.__new__(TrainSet)  # the source needs no cache reader
         source_ds.__dict__.update(ds.__dict__, cache=None)
-        src = _Source(source_ds, self.sampler, self.micro_batch, epoch, start)
+        src = _Source(source_ds, self.sampler, self.micro_batch, epoch, start, skip)
         gpu = self.device.type == "cuda"
         S = self.size
 
@@ -193,7 +206,8 @@ class DaliLoader:
             )  # fmt: skip
             extra = {}
             if self.decode == "gpu":
-                extra = dict(hw_decoder_load=self.hw_decoder_load)
+                # libjpeg-turbo's chroma upsampling, as OpenCV and DALI's CPU decoder use
+                extra = dict(hw_decoder_load=self.hw_decoder_load, jpeg_fancy_upsampling=True)
             imgs = fn.decoders.image_slice(
                 enc, anchor, shape, device="mixed" if self.decode == "gpu" else "cpu",
                 output_type=types.RGB, axis_names="HW", **extra,
@@ -260,14 +274,14 @@ class DaliLoader:
                 why = [ln for ln in str(e).splitlines() if "ailed" in ln or "rror in" in ln]
                 files = [str(self.dataset.paths[i]) for i in chunk]
                 warnings.warn(
-                    f"DALI failed on batch {start + b} of epoch {epoch} ({'; '.join(why[-2:])}; "
+                    f"DALI failed on micro-batch {b} of this pass (epoch {epoch}) ({'; '.join(why[-2:])}; "
                     f"files {files[0]} ... {files[-1]}); decoding it with OpenCV and "
                     "restarting the pipeline at the next batch",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 imgs, ok = self._opencv_batch(chunk, epoch)
-                pipe = self._build(epoch, start + b + 1) if b + 1 < n else None
+                pipe = self._build(epoch, start, skip=b + 1) if b + 1 < n else None
             idx = torch.tensor(chunk, dtype=torch.int64)
             labels = torch.tensor([labels_all[i] for i in chunk], dtype=torch.int64)
             batch = (imgs, labels, ok, idx)

@@ -4,8 +4,9 @@ The DALI loader draws each crop in Python (so augmentation stays a pure function
 (seed, epoch, index), as in :class:`ssld.data.train.TrainTransform`), which needs the
 decoded image's height and width before the GPU decodes it. For JPEG this walks the marker
 segments to the frame header (SOFn) and applies the EXIF orientation (tags 5-8 swap height
-and width, as OpenCV and DALI rotate on decode); for PNG it reads IHDR. Other formats, and
-JPEGs whose header does not parse, give None (the caller falls back to a full decode).
+and width, as OpenCV and DALI rotate on decode; of several EXIF segments the last counts, as
+in DALI); for PNG it reads IHDR and an ``eXIf`` chunk. Other formats, and JPEGs whose header
+does not parse, give None (the caller falls back to a full decode).
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ def exif_orientation(tiff) -> int:
         e = ifd + 2 + 12 * k
         if e + 12 > len(tiff):
             break
-        if _u16(tiff, e, little) == 0x0112 and _u16(tiff, e + 2, little) == 3:  # SHORT
-            value = _u16(tiff, e + 8, little)
+        if _u16(tiff, e, little) == 0x0112:
+            kind = _u16(tiff, e + 2, little)
+            if kind == 3:  # SHORT (the standard type)
+                value = _u16(tiff, e + 8, little)
+            elif kind == 4:  # LONG (seen in the wild; decoders accept it)
+                value = int.from_bytes(tiff[e + 8 : e + 12], "little" if little else "big")
+            else:
+                return 1
             return value if 1 <= value <= 8 else 1
     return 1
 
@@ -84,11 +91,30 @@ def jpeg_size(b) -> tuple[int, int] | None:
 
 
 def png_size(b) -> tuple[int, int] | None:
-    """(height, width) from a PNG's IHDR chunk, None if it is not a PNG."""
+    """(height, width) from a PNG's IHDR chunk after the orientation of an ``eXIf`` chunk
+    before the image data (OpenCV and DALI apply it), None if it is not a PNG."""
     if len(b) < 24 or bytes(b[:8]) != _PNG or bytes(b[12:16]) != b"IHDR":
         return None
     w, h = int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
-    return (h, w) if h and w else None
+    if not (h and w):
+        return None
+    i, orientation = 8, 1
+    while i + 8 <= len(b):  # chunks: length, type, data, crc
+        size, kind = int.from_bytes(b[i : i + 4], "big"), bytes(b[i + 4 : i + 8])
+        if kind in (b"IDAT", b"IEND"):
+            break
+        if kind == b"eXIf":
+            orientation = exif_orientation(b[i + 8 : i + 8 + size])
+        i += 12 + size
+    return (w, h) if orientation >= 5 else (h, w)
+
+
+def jpeg_complete(b) -> bool:
+    """Whether a JPEG's end-of-image marker follows its first scan (a cut file has none;
+    inside entropy-coded data 0xFF is always followed by 0x00 or a restart marker)."""
+    data = bytes(b)
+    sos = data.find(b"\xff\xda")
+    return sos >= 0 and data.find(b"\xff\xd9", sos) >= 0
 
 
 def image_size(b) -> tuple[int, int] | None:
