@@ -395,7 +395,7 @@ SSLD_KNN_INLINE void insert(int32_t* ks, int64_t* is, int k, int32_t c, int64_t 
 // out in ascending index, and every index of the panel is above those already in the list).
 // Used when many lanes pass the stale threshold (the first panels of a query), where the
 // one-candidate-at-a-time loop would branch on every lane.
-constexpr int kSelectMaxK = 4;
+constexpr int kSelectMaxK = 16;
 
 SSLD_KNN_NOINLINE void select_insert(const int32_t* keys, uint64_t m, int32_t* ks, int64_t* is,
                                      int k, int64_t c0) {
@@ -500,7 +500,7 @@ void run_task(const Ctx& c, const Task& t, Scratch& s) {
           if (m == 0) continue;
           int32_t* ks = state + (r0 + i) * k;
           int64_t* is = out_idx + (r0 + i) * k;
-          if (k <= kSelectMaxK && __builtin_popcountll(m) > 4 * k) {
+          if (k <= kSelectMaxK && __builtin_popcountll(m) > 2 * k) {
             select_insert(keys + i * P, m, ks, is, k, c0);
             continue;
           }

@@ -82,7 +82,7 @@ def test_knn_matches_brute_force(backend, device, nq, ndb, dim, dtype, k):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("k", [1, 2, 4, 10])  # k <= 4: the CPU kernel's select-first path
+@pytest.mark.parametrize("k", [1, 2, 4, 10, 20])  # k <= 16: the CPU select-first path
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
 def test_ties_go_to_lower_index(backend, device, k, dtype):
     gen = torch.Generator().manual_seed(3 + k)
