@@ -776,14 +776,15 @@ struct KnnPlan {
   bool u8 = true;
   int64_t esize = 1, row_bytes = 0, nk = 0;
   int nw = kMaxWarps, smem = 0;
-  std::vector<KTile> tiles;
+  std::size_t n_tiles = 0;
+  std::vector<KTile> tiles;  // the schedule (when asked for)
   std::size_t tiles_bytes = 0, qn_bytes = 0, dbn_bytes = 0;  // workspace: [tiles | norms]
   std::size_t workspace_bytes() const {
-    return tiles.empty() ? 0 : tiles_bytes + qn_bytes + dbn_bytes;
+    return n_tiles == 0 ? 0 : tiles_bytes + qn_bytes + dbn_bytes;
   }
 };
 
-KnnPlan plan_knn(const KnnParams& p) {
+KnnPlan plan_knn(const KnnParams& p, bool schedule = true) {
   const auto* q_off = reinterpret_cast<const int64_t*>(p.q_off);
   const auto* db_off = reinterpret_cast<const int64_t*>(p.db_off);
   int cc_major = 0, cc_minor = 0, smem_optin = 0;
@@ -812,16 +813,22 @@ KnnPlan plan_knn(const KnnParams& p) {
                              " bytes of shared memory per block for k = " + std::to_string(p.k) +
                              ", the device allows " + std::to_string(smem_optin));
   const int64_t bm = int64_t{plan.nw} * kWarpRows;
-  for (int64_t g = 0; g < p.n_groups; ++g) {
-    const int64_t ndb = db_off[g + 1] - db_off[g];
-    for (int64_t q0 = q_off[g]; q0 < q_off[g + 1]; q0 += bm)
-      plan.tiles.push_back(KTile{q0, std::min(q0 + bm, q_off[g + 1]), db_off[g], ndb});
-  }
-  if (plan.tiles.size() > static_cast<std::size_t>(INT32_MAX))
+  std::size_t n_tiles = 0;
+  for (int64_t g = 0; g < p.n_groups; ++g) n_tiles += (q_off[g + 1] - q_off[g] + bm - 1) / bm;
+  if (n_tiles > static_cast<std::size_t>(INT32_MAX))
     throw std::invalid_argument("match_knn (cuda): too many query tiles");
-  std::stable_sort(plan.tiles.begin(), plan.tiles.end(),
-                   [](const KTile& x, const KTile& y) { return x.ndb > y.ndb; });
-  plan.tiles_bytes = round_up(plan.tiles.size() * sizeof(KTile), 256);
+  plan.n_tiles = n_tiles;
+  if (schedule) {  // (the workspace size needs only the count)
+    plan.tiles.reserve(n_tiles);
+    for (int64_t g = 0; g < p.n_groups; ++g) {
+      const int64_t ndb = db_off[g + 1] - db_off[g];
+      for (int64_t q0 = q_off[g]; q0 < q_off[g + 1]; q0 += bm)
+        plan.tiles.push_back(KTile{q0, std::min(q0 + bm, q_off[g + 1]), db_off[g], ndb});
+    }
+    std::stable_sort(plan.tiles.begin(), plan.tiles.end(),
+                     [](const KTile& x, const KTile& y) { return x.ndb > y.ndb; });
+  }
+  plan.tiles_bytes = round_up(n_tiles * sizeof(KTile), 256);
   plan.qn_bytes = plan.u8 ? round_up(static_cast<std::size_t>(p.nq_total) * 4, 256) : 0;
   plan.dbn_bytes = plan.u8 ? static_cast<std::size_t>(p.ndb_total) * 4 : 0;
   return plan;
@@ -833,7 +840,7 @@ std::size_t match_knn_cuda_workspace_bytes(const KnnParams& p) {
   check_knn_params_cuda(p);
   if (p.nq_total == 0) return 0;
   DeviceGuard guard(p.device);
-  return plan_knn(p).workspace_bytes();
+  return plan_knn(p, /*schedule=*/false).workspace_bytes();
 }
 
 void match_knn_cuda(const KnnParams& p) {
@@ -866,6 +873,8 @@ void match_knn_cuda(const KnnParams& p) {
     throw std::invalid_argument("match_knn (cuda): workspace of " +
                                 std::to_string(p.workspace_bytes) + " bytes, " +
                                 std::to_string(plan.workspace_bytes()) + " needed");
+  } else if (p.workspace % 256 != 0) {  // tiles (int64) and norms are read from it
+    throw std::invalid_argument("match_knn (cuda): the workspace must be 256-byte aligned");
   }
   // Pageable source: consumed before cudaMemcpyAsync returns (see the header comment).
   check_cuda(cudaMemcpyAsync(ws, tiles.data(), tiles.size() * sizeof(KTile),

@@ -434,9 +434,11 @@ def describe() -> str:
     mod = ext()
     if mod is not None:
         lines.append(f"  extension: {mod.__file__}")
-        lines.append(
-            f"    cpu kernels: {mod.cpu_isa()}; cuda kernels: {'yes' if mod.with_cuda else 'no'}"
-        )
+        try:
+            isa = mod.cpu_isa()
+        except ValueError as e:  # a bad SSLD_KERNELS_CPU_ISA: say so, the report goes on
+            isa = f"unusable ({e})"
+        lines.append(f"    cpu kernels: {isa}; cuda kernels: {'yes' if mod.with_cuda else 'no'}")
     try:
         import triton
 

@@ -216,9 +216,11 @@ def _divergence_bwd(
             s, t, weight, _mask_u8(mask), stats, grad_rows, spec, need_grad_s, need_grad_t
         )
     else:
-        gs = _sparse_launchers(backend)[1](
-            s, t, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
-        )
+        gs = None  # a sparse teacher has no gradient; the student's only when asked for
+        if need_grad_s:
+            gs = _sparse_launchers(backend)[1](
+                s, t, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
+            )
         gt = None
     return (
         gs if gs is not None else _empty_grad(s),

@@ -371,3 +371,11 @@ def test_workspace_from_torch_and_own_fallback():
     p.workspace, p.workspace_bytes = small.data_ptr(), need - 1
     with pytest.raises(ValueError, match="needed"):
         ext().match_knn_cuda(p)
+    big = torch.empty(need + 512, dtype=torch.uint8, device="cuda")
+    p.workspace, p.workspace_bytes = big.data_ptr() + 8, need  # int64 tiles need alignment
+    with pytest.raises(ValueError, match="aligned"):
+        ext().match_knn_cuda(p)
+    p.workspace = big.data_ptr()  # a torch allocation: aligned
+    ext().match_knn_cuda(p)
+    torch.cuda.synchronize()
+    assert torch.equal(dist.cpu(), want[0]) and torch.equal(idx.cpu(), want[1])
