@@ -98,6 +98,53 @@ def test_jpeg_complete():
     assert not jpeg_complete(jpeg[: jpeg.find(b"\xff\xda")])
 
 
+def _exif_app1(orientation: int, little: bool, long: bool) -> bytes:
+    e = "<" if little else ">"
+    tiff = (b"II" if little else b"MM") + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1)
+    if long:
+        tiff += struct.pack(e + "HHII", 0x0112, 4, 1, orientation)
+    else:
+        tiff += struct.pack(e + "HHIHH", 0x0112, 3, 1, orientation, 0)
+    body = b"Exif\0\0" + tiff + struct.pack(e + "I", 0)
+    return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is in the test extra
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        h=st.integers(1, 120), w=st.integers(1, 120), gray=st.booleans(),
+        quality=st.integers(5, 100), progressive=st.booleans(),
+        orientation=st.integers(0, 8), little=st.booleans(), long=st.booleans(),
+        extra=st.lists(st.sampled_from([0xFE, 0xE2, 0xEE, 0xED]), max_size=3),
+        fill=st.integers(0, 3), seed=st.integers(0, 2**16),
+    )  # fmt: skip
+    def test_image_size_property_against_opencv(
+        h, w, gray, quality, progressive, orientation, little, long, extra, fill, seed
+    ):
+        """Random JPEGs with comment/APPn segments, fill bytes and EXIF orientation (0: no
+        EXIF; SHORT or LONG, either byte order): the header size is OpenCV's decoded size."""
+        rng = np.random.default_rng(seed)
+        img = rng.integers(0, 256, (h, w) if gray else (h, w, 3), dtype=np.uint8)
+        params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+        jpeg = _encode(img, ".jpg", *params)
+        head = b"".join(_segment(m, rng.bytes(int(rng.integers(0, 40)))) for m in extra)
+        if orientation:
+            head += _exif_app1(orientation, little, long)
+        data = jpeg[:2] + b"\xff" * fill + head + jpeg[2:]
+        assert image_size(data) == _decoded_hw(data)
+
+
 def test_image_size_rejects_what_it_cannot_read():
     jpeg = _encode(skdata.coffee(), ".jpg")
     sof = jpeg.find(b"\xff\xc0")

@@ -4,9 +4,10 @@ The DALI loader draws each crop in Python (so augmentation stays a pure function
 (seed, epoch, index), as in :class:`ssld.data.train.TrainTransform`), which needs the
 decoded image's height and width before the GPU decodes it. For JPEG this walks the marker
 segments to the frame header (SOFn) and applies the EXIF orientation (tags 5-8 swap height
-and width, as OpenCV and DALI rotate on decode; of several EXIF segments the last counts, as
-in DALI); for PNG it reads IHDR and an ``eXIf`` chunk. Other formats, and JPEGs whose header
-does not parse, give None (the caller falls back to a full decode).
+and width, as OpenCV and DALI rotate on decode, read as they read it; of several EXIF
+segments the last counts, as in DALI); for PNG it reads IHDR and an ``eXIf`` chunk. Other
+formats, and JPEGs whose header does not parse, give None (the caller falls back to a full
+decode).
 """
 
 from __future__ import annotations
@@ -38,13 +39,9 @@ def exif_orientation(tiff) -> int:
         if e + 12 > len(tiff):
             break
         if _u16(tiff, e, little) == 0x0112:
-            kind = _u16(tiff, e + 2, little)
-            if kind == 3:  # SHORT (the standard type)
-                value = _u16(tiff, e + 8, little)
-            elif kind == 4:  # LONG (seen in the wild; decoders accept it)
-                value = int.from_bytes(tiff[e + 8 : e + 12], "little" if little else "big")
-            else:
-                return 1
+            # the first 16 bits of the value field, whatever the declared type: what OpenCV
+            # and DALI read (so a LONG counts in little-endian files only, as there)
+            value = _u16(tiff, e + 8, little)
             return value if 1 <= value <= 8 else 1
     return 1
 
