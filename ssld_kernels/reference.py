@@ -167,6 +167,11 @@ def divergence_rows(
         s = torch.where(keep, s, torch.zeros_like(s))
         t = torch.where(keep, t, torch.zeros_like(t))
     _, _, _, _, a, b = _row_stats(spec, s, t)
+    return _row_loss(spec, a, b, weight, mask)
+
+
+def _row_loss(spec: DivSpec, a: Tensor, b: Tensor, weight, mask) -> Tensor:
+    """T^2 * (coef_a*A + coef_b*B) * weight, 0 where masked, from the row sums A and B."""
     loss = (_weighted(spec.coef_a, a) + _weighted(spec.coef_b, b)) * spec.temperature**2
     if weight is not None:
         loss = loss * weight.to(loss.dtype)
@@ -320,12 +325,7 @@ def sparse_divergence_rows(
     if mask is not None:
         s = torch.where(mask.bool()[:, None], s, torch.zeros_like(s))
     _, _, _, _, a, b = _row_stats_logq(spec, s, logq)
-    loss = (_weighted(spec.coef_a, a) + _weighted(spec.coef_b, b)) * spec.temperature**2
-    if weight is not None:
-        loss = loss * weight.to(loss.dtype)
-    if mask is not None:
-        loss = torch.where(mask.bool(), loss, torch.zeros_like(loss))
-    return loss
+    return _row_loss(spec, a, b, weight, mask)
 
 
 def sparse_divergence_rows_and_grad(
