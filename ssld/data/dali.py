@@ -241,11 +241,11 @@ class DaliLoader:
         return torch.from_numpy(np.array(t))
 
     def _opencv_batch(self, keys, epoch):
-        items = [self.dataset.__getitem__((i, epoch))[:3] for i in keys]
-        imgs = torch.stack([it[0] for it in items])
+        items = [self.dataset.image(i, epoch) for i in keys]
+        imgs = torch.stack([img for img, _ in items])
         if self.device.type == "cuda":
             imgs = imgs.to(self.device, non_blocking=True)
-        return imgs, torch.tensor([bool(it[2]) for it in items])
+        return imgs, torch.tensor([bool(ok) for _, ok in items])
 
     def __iter__(self):
         s = self.sampler

@@ -138,17 +138,21 @@ class TrainSet(torch.utils.data.Dataset):
         """The augmentation epoch (view) of ``epoch``: ``epoch % replay`` when replaying."""
         return epoch % self.replay if self.replay else epoch
 
-    def __getitem__(self, key):
-        index, epoch = key
+    def image(self, index: int, epoch: int) -> tuple[torch.Tensor, bool]:
+        """(uint8 (3, S, S), ok) of one image as epoch ``epoch`` augments it."""
         view = self.view(epoch)
-        img, ok = load_chw(
+        return load_chw(
             self.roots[self.source[index]] / self.paths[index],
             lambda rgb: self.transform(rgb, view, index),
             self.transform.size,
         )
+
+    def __getitem__(self, key):
+        index, epoch = key
+        img, ok = self.image(index, epoch)
         item = (img, self.labels[index], ok, index)
         if self.cache is not None:
-            item += tuple(self.cache.read(index, view))
+            item += tuple(self.cache.read(index, self.view(epoch)))
         return item
 
 

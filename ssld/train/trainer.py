@@ -520,7 +520,7 @@ class Trainer:
             chunk = todo[k : k + self.micro_batch]
             if self.cfg.teacher.bn_train and len(chunk) < 2:
                 continue  # batch statistics of one image; filled when a batch needs it
-            imgs = torch.stack([self.trainset[(i, self.epoch)][0] for i in chunk])
+            imgs = torch.stack([self.trainset.image(i, self.epoch)[0] for i in chunk])
             t_logits = self._teacher_forward(self._inputs(imgs), amp)
             p, ids = tcache.sparse_rows(t_logits, self.cache.topm, L.temperature, self.cache.dtype)
             self.cache.put(np.asarray(chunk), view, np.ones(len(chunk), bool), p, ids)
