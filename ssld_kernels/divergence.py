@@ -148,6 +148,21 @@ def _launch_forward(s, t, index, weight, mask, spec, uniform, sum_tol, backend, 
     return row_loss, stats, gs, None
 
 
+def _launch_backward(s, t, index, weight, mask, stats, grad_rows, spec, uniform, sum_tol, backend,
+                     need_grad_s, need_grad_t):  # fmt: skip
+    """(grad_s or None, grad_t or None) of sum_r grad_rows[r] * row_loss[r], from ``stats``."""
+    if index is None:
+        return _launchers(backend)[1](
+            s, t, weight, _mask_u8(mask), stats, grad_rows, spec, need_grad_s, need_grad_t
+        )
+    gs = None  # a sparse teacher has no gradient; the student's only when asked for
+    if need_grad_s:
+        gs = _sparse_launchers(backend)[1](
+            s, t, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
+        )
+    return gs, None
+
+
 def _fake_rows(s: Tensor, index: Tensor | None) -> tuple[Tensor, Tensor]:
     """Fake (row_loss, stats) of the forward: sparse stats are (max_s, log_sum_s, A, B)."""
     n = s.shape[0]
@@ -211,17 +226,10 @@ def _divergence_bwd(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of sum_r grad_rows[r] * row_loss[r]; a skipped gradient is an empty tensor."""
     spec = DivSpec(mode, beta, coef_a, coef_b, inv_temp)
-    if index is None:
-        gs, gt = _launchers(backend)[1](
-            s, t, weight, _mask_u8(mask), stats, grad_rows, spec, need_grad_s, need_grad_t
-        )
-    else:
-        gs = None  # a sparse teacher has no gradient; the student's only when asked for
-        if need_grad_s:
-            gs = _sparse_launchers(backend)[1](
-                s, t, index, weight, _mask_u8(mask), stats, grad_rows, spec, uniform, sum_tol
-            )
-        gt = None
+    gs, gt = _launch_backward(
+        s, t, index, weight, mask, stats, grad_rows, spec, uniform, sum_tol, backend,
+        need_grad_s, need_grad_t,
+    )  # fmt: skip
     return (
         gs if gs is not None else _empty_grad(s),
         gt if gt is not None else _empty_grad(t),
@@ -293,6 +301,111 @@ def _fwd_backward(ctx, grad_row_loss, _grad_stats):
 torch.library.register_autograd(
     "ssld_kernels::divergence_fwd", _fwd_backward, setup_context=_fwd_setup_context
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager path. torch.compile sees the custom ops above; in eager mode the same launchers run
+# through this autograd.Function instead, because the ops' Python dispatch (register_autograd,
+# argument filling, redispatch) costs more host time than the kernels take at the SSLD shape
+# (CPU, 4 x 16 jsd forward + backward: 189 us through the ops, see bench/README.md). The
+# reduction is folded in, so the backward is one kernel launch: a mean's 1/n goes into the
+# coefficients (loss and gradients are linear in them) and the scalar incoming gradient is
+# read on the device through a stride-0 view.
+# ----------------------------------------------------------------------------------------------
+
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _scaled(spec: DivSpec, factor: float) -> DivSpec:
+    """``spec`` with both coefficients times ``factor``."""
+    if factor == 1.0:
+        return spec
+    return spec._replace(coef_a=spec.coef_a * factor, coef_b=spec.coef_b * factor)
+
+
+def _mean_factor(n: int, mask: Tensor | None, reduction: str) -> float:
+    """d(loss)/d(row_loss) as a host number where it is one: 1/n for an unmasked mean."""
+    if reduction in ("mean", "batchmean") and mask is None and n > 0:
+        return 1.0 / n
+    return 1.0
+
+
+class _DivergenceFunction(torch.autograd.Function):
+    """Eager loss of :func:`softmax_divergence` with its reduction; backward: one launch."""
+
+    @staticmethod
+    def forward(ctx, s, t, index, weight, mask, spec, uniform, sum_tol, backend, reduction, lead):
+        row_loss, stats, _, _ = _launch_forward(
+            s, t, index, weight, mask, spec, uniform, sum_tol, backend, None, False
+        )
+        n = s.shape[0]
+        count = None
+        if reduction in ("mean", "batchmean") and mask is not None and n > 0:
+            count = reference.row_count(n, mask, row_loss.dtype, row_loss.device)
+            loss = row_loss.sum() / count
+        else:
+            loss = reference.reduce_rows(row_loss, reduction, mask, lead)
+        ctx.save_for_backward(s, t, index, weight, mask, stats, count)
+        ctx.spec = _scaled(spec, _mean_factor(n, mask, reduction))
+        ctx.uniform, ctx.sum_tol, ctx.backend = uniform, sum_tol, backend
+        ctx.rows_grad = reduction == "none"
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, index, weight, mask, stats, count = ctx.saved_tensors
+        need_s = ctx.needs_input_grad[0]
+        need_t = ctx.needs_input_grad[1] and index is None
+        rest = (None,) * 9
+        if not (need_s or need_t):
+            return (None, None) + rest
+        n = s.shape[0]
+        if ctx.rows_grad:
+            grad_rows = grad.reshape(n)
+        else:
+            if count is not None:
+                grad = grad / count
+            grad_rows = grad.reshape(1).expand(n)
+        gs, gt = _launch_backward(
+            s, t, index, weight, mask, stats, grad_rows.to(stats.dtype), ctx.spec, ctx.uniform,
+            ctx.sum_tol, ctx.backend, need_s, need_t,
+        )  # fmt: skip
+        gs, gt = gs if need_s else None, gt if need_t else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiating these must raise
+            gs, gt = _NotTwice.apply(s if need_s else t, gs, gt)
+        return (gs, gt) + rest
+
+
+class _NotTwice(torch.autograd.Function):
+    """Ties the gradients to the logits (``anchor``) so that differentiating them raises
+    instead of silently contributing nothing."""
+
+    @staticmethod
+    def forward(ctx, anchor, gs, gt):
+        return tuple(None if g is None else g.view_as(g) for g in (gs, gt))
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(
+            "softmax_divergence's gradient is not differentiable: double backward "
+            "(create_graph=True through the loss) is not supported"
+        )
+
+
+_UNITS: dict = {}
+
+
+def _unit(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached one-element tensor holding 1 (no fill kernel per call; never written)."""
+    key = (dtype, device)
+    u = _UNITS.get(key)
+    if u is None:
+        u = torch.ones(1, dtype=dtype, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _UNITS[key] = u  # one made inside a capture belongs to the graph's pool
+    return u
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,10 +570,10 @@ def softmax_divergence(
     if not teacher_grad:
         t = t.detach()
     if name == "torch":
-        rows = reference.divergence_rows(spec, s, t, w, m)
-    else:
-        rows, _ = _divergence_fwd(s, t, None, w, m, *spec, False, 0.0, name)
-    return reference.reduce_rows(rows, reduction, m, lead)
+        return reference.reduce_rows(
+            reference.divergence_rows(spec, s, t, w, m), reduction, m, lead
+        )
+    return _kernel_loss(s, t, None, w, m, spec, False, 0.0, name, reduction, lead)
 
 
 def softmax_divergence_and_grad(
@@ -510,18 +623,58 @@ def softmax_divergence_and_grad(
         mode="fused",
     )
     s, t = s.detach(), t.detach()
-    grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
     if name == "torch":
+        grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
         rows, gs, gt = reference.divergence_rows_and_grad(spec, s, t, grad_rows, w, m, teacher_grad)
+        loss = reference.reduce_rows(rows, reduction, m, lead)
     else:
-        rows, gs, gt = _divergence_fwd_grad(
-            s, t, None, w, m, grad_rows, *spec, False, 0.0, teacher_grad, name
+        loss, gs, gt = _kernel_loss_and_grad(
+            s, t, None, w, m, spec, False, 0.0, name, reduction, lead, teacher_grad
         )
-    loss = reference.reduce_rows(rows, reduction, m, lead)
     gs = gs.reshape(student_logits.shape)
     if teacher_grad:
         return loss, gs, gt.reshape(teacher_logits.shape)
     return loss, gs
+
+
+def _kernel_loss(s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead) -> Tensor:
+    """The reduced loss through the kernels: the eager Function, or the custom op (what
+    torch.compile traces) plus the reduction."""
+    if _eager():
+        return _DivergenceFunction.apply(
+            s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead
+        )
+    rows, _ = _divergence_fwd(s, t, index, w, m, *spec, uniform, sum_tol, name)
+    return reference.reduce_rows(rows, reduction, m, lead)
+
+
+def _kernel_loss_and_grad(s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead,
+                          need_grad_t):  # fmt: skip
+    """(loss, grad_s, grad_t or None) from one fused launch (custom op under torch.compile)."""
+    if not _eager():
+        grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
+        rows, gs, gt = _divergence_fwd_grad(
+            s, t, index, w, m, grad_rows, *spec, uniform, sum_tol, need_grad_t, name
+        )
+        return reference.reduce_rows(rows, reduction, m, lead), gs, gt
+    grad_rows, gspec, presummed = _eager_grad_rows(s, m, reduction, spec)
+    rows, _, gs, gt = _launch_forward(
+        s, t, index, w, m, gspec, uniform, sum_tol, name, grad_rows, need_grad_t
+    )
+    # presummed: the rows already carry the mean's 1/n
+    loss = rows.sum() if presummed else reference.reduce_rows(rows, reduction, m, lead)
+    return loss, gs, gt
+
+
+def _eager_grad_rows(s: Tensor, mask: Tensor | None, reduction: str, spec: DivSpec):
+    """(grad_rows, spec, presummed) for an eager fused call without fill kernels: a sum or an
+    unmasked mean reads a cached 1 through a stride-0 view, the mean's 1/n scaling the
+    coefficients (so also the row losses: ``presummed`` says their sum is the loss)."""
+    n, acc = s.shape[0], _acc(s.dtype)
+    factor = _mean_factor(n, mask, reduction)
+    if reduction in ("mean", "batchmean") and factor == 1.0 and n > 0:
+        return _grad_rows(n, mask, reduction, acc, s.device), spec, False  # masked mean
+    return _unit(acc, s.device).expand(n), _scaled(spec, factor), factor != 1.0
 
 
 def _grad_rows(n: int, mask: Tensor | None, reduction: str, acc, device) -> Tensor:
@@ -859,21 +1012,19 @@ def _sparse_divergence(
     )
     uniform = teacher.remainder == "uniform"
     if not with_grad:
-        if impl == "torch":
-            rows = reference.sparse_divergence_rows(
-                spec, s, probs, index, teacher.remainder, w, m, tol
-            )
-        else:
-            rows, _ = _divergence_fwd(s, probs, index, w, m, *spec, uniform, tol, impl)
+        if impl != "torch":
+            return _kernel_loss(s, probs, index, w, m, spec, uniform, tol, impl, reduction, lead)
+        rows = reference.sparse_divergence_rows(spec, s, probs, index, teacher.remainder, w, m, tol)
         return reference.reduce_rows(rows, reduction, m, lead)
     s = s.detach()
-    grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
-    if impl == "torch":
+    if impl != "torch":
+        loss, gs, _ = _kernel_loss_and_grad(
+            s, probs, index, w, m, spec, uniform, tol, impl, reduction, lead, False
+        )
+    else:
+        grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
         rows, gs = reference.sparse_divergence_rows_and_grad(
             spec, s, probs, index, grad_rows, teacher.remainder, w, m, tol
         )
-    else:
-        rows, gs, _ = _divergence_fwd_grad(
-            s, probs, index, w, m, grad_rows, *spec, uniform, tol, False, impl
-        )
-    return reference.reduce_rows(rows, reduction, m, lead), gs.reshape(student_logits.shape)
+        loss = reference.reduce_rows(rows, reduction, m, lead)
+    return loss, gs.reshape(student_logits.shape)

@@ -228,10 +228,11 @@ def reduce_rows(row_loss: Tensor, reduction: str, mask: Tensor | None, lead_shap
     """Apply a reduction to per-row losses. mean/batchmean divide by the unmasked row count."""
     if reduction == "none":
         return row_loss.reshape(lead_shape)
-    total = row_loss.sum()
-    if reduction == "sum":
-        return total
-    return total / row_count(row_loss.shape[0], mask, row_loss.dtype, row_loss.device)
+    if reduction == "sum" or row_loss.shape[0] == 0:
+        return row_loss.sum()  # an empty batch's mean is 0, not NaN
+    if mask is None:
+        return row_loss.mean()  # one reduction kernel (sum then divide would be two)
+    return row_loss.sum() / row_count(row_loss.shape[0], mask, row_loss.dtype, row_loss.device)
 
 
 def row_count(n: int, mask: Tensor | None, dtype, device) -> Tensor | float:
