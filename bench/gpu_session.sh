@@ -28,7 +28,7 @@ if [ "${SSLD_SKIP_TESTS:-0}" != "1" ]; then
 fi
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_DIVERGENCE:-0}" != "1" ]; then
   python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot ${SSLD_BENCH_ARGS:-} \
-    --providers "${SSLD_BENCH_PROVIDERS:-ssld-cuda,ssld-triton,eager,compile,liger}" 2>&1 \
+    --providers "${SSLD_BENCH_PROVIDERS:-ssld-auto,ssld-cuda,ssld-triton,eager,compile,liger}" 2>&1 \
     | tee "$OUT/bench.log" | tail -60
 fi
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_MATCH:-0}" != "1" ]; then

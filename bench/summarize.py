@@ -90,7 +90,7 @@ def table(path):
         match_table(path, data)
         return
     env = data["env"]
-    rows = [r for r in data["results"] if "median_ms" in r]
+    rows = [r for r in data["results"] if "median_ms" in r and "gbps" in r]
     peak = env.get("peak_copy_gbps")
     print(f"### {env['device']} ({path.split('/')[-1]})\n")
     print(
@@ -128,6 +128,48 @@ def table(path):
                 cells.append(f"{r['median_ms']:.4g} ms, {r['gbps']:.0f} GB/s{pct}{x}")
             print(f"| {p} | " + " | ".join(cells) + " |")
         print()
+    latency_table(data["results"])
+    divergence_targets(data.get("targets"))
+
+
+def latency_table(results):
+    """Small-shape latency rows: host us per call, device us per step in a CUDA graph."""
+    rs = [r for r in results if r.get("mode", "").endswith("-latency") and "host_us" in r]
+    if not rs:
+        return
+    print(
+        "**small-shape latency** (host: us per call issued back to back; graph: device us "
+        "per step replayed from a CUDA graph)\n"
+    )
+    print("| provider | mode | shape | dtype | host us/call | graph us/step |")
+    print("|---|---|---|---|---|---|")
+    for r in rs:
+        dev = f"{r['median_ms'] * 1e3:.1f}" if "median_ms" in r else "-"
+        shape = "x".join(map(str, r["shape"]))
+        mode = r["mode"].removesuffix("-latency")
+        print(f"| {r['provider']} | {mode} | {shape} | {r['dtype']} | {r['host_us']:.1f} | {dev} |")
+    print()
+
+
+def divergence_targets(targets):
+    if not targets:
+        return
+    th = targets["thresholds"]
+    print(
+        f"**targets** (ssld-auto at C >= {th['min_classes']}: >= {th['pct_of_copy']:g}% of "
+        f"copy, >= {th['x_eager']:g}x eager, >= {th['x_liger']:g}x Liger, "
+        f">= {th['x_compile']:g}x torch.compile, all against their fwdbwd)\n"
+    )
+    for c in targets["cases"]:
+        vals = ", ".join(
+            f"{k} {c[k]:.2f}" for k in ("pct_of_copy", "x_eager", "x_liger", "x_compile") if k in c
+        )
+        shape = "x".join(map(str, c["shape"]))
+        print(f"- {c['mode']} {shape} {c['dtype']}: {vals}: {'met' if c['met'] else 'MISSED'}")
+    for b in targets["beaten"]:
+        shape = "x".join(map(str, b["shape"]))
+        print(f"- auto beaten by {b['by']} at {b['mode']} {shape} {b['dtype']} ({b['ratio']:.2f}x)")
+    print()
 
 
 if __name__ == "__main__":
