@@ -203,6 +203,12 @@ def _grad_pass(
 #           row_loss = T^2 (coef_a A + coef_b B) weight[r],  stats[r] = (max_s, log_sum_s, max_t, log_sum_t, A, B)
 #   pass 3 (WRITE_GRAD_S / WRITE_GRAD_T): the gradients of the module docstring with
 #           g = T grad_rows[r] weight[r]; masked rows write exact zeros.
+# SINGLE (C <= BLOCK): the row is loaded once and every pass works on the registers, the
+# gradient from the same p, q, ls, lt as the sums (one read of each logit, one write of each
+# gradient). Otherwise pass 2 walks the chunks last to first, so that it starts on the ones
+# pass 1 read last (the likeliest still in L2), and pass 3 first to last for the same reason.
+# Programs loop over rows (grid <= n_rows): fewer programs than rows bound the rows in
+# flight, hence the L2 footprint of the re-reads.
 @triton.jit
 def _divergence_fwd_kernel(
     s_ptr,
@@ -217,6 +223,7 @@ def _divergence_fwd_kernel(
     stats_ptr,
     grad_s_ptr,
     grad_t_ptr,
+    n_rows,
     n_cols,
     beta,
     coef_a,
@@ -230,100 +237,133 @@ def _divergence_fwd_kernel(
     WRITE_GRAD_S: tl.constexpr,
     WRITE_GRAD_T: tl.constexpr,
     BLOCK: tl.constexpr,
+    SINGLE: tl.constexpr,
     STATS_WIDTH: tl.constexpr = 6,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    offs = tl.arange(0, BLOCK)
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-        n_load = tl.where(keep, n_cols, 0)
-    else:
-        keep = True
-        n_load = n_cols
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        s_row = s_ptr + row * s_stride
+        t_row = t_ptr + row * t_stride
+        offs = tl.arange(0, BLOCK)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + row) != 0
+            n_load = tl.where(keep, n_cols, 0)
+        else:
+            keep = True
+            n_load = n_cols
+        if WRITE_GRAD_S or WRITE_GRAD_T:
+            g = _row_scale(
+                row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT
+            )
 
-    # pass 1: log-sum-exp of both rows
-    m_s = float("-inf")
-    d_s = 0.0
-    m_t = float("-inf")
-    d_t = 0.0
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        xs = _load_logits(s_row, cols, n_cols, n_load, inv_temp)
-        xt = _load_logits(t_row, cols, n_cols, n_load, inv_temp)
-        new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
-        new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-        shift_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
-        shift_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
-        d_s = d_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(xs - shift_s), axis=0)
-        d_t = d_t * tl.exp(m_t - shift_t) + tl.sum(tl.exp(xt - shift_t), axis=0)
-        m_s = new_m_s
-        m_t = new_m_t
-    # log p = (x - m) - log d: folding log d into m first (x - lse) would round it to the
-    # ulp of m, which costs relative accuracy on near-one probabilities.
-    log_d_s = tl.log(d_s)
-    log_d_t = tl.log(d_t)
+        if SINGLE:
+            # the whole row in registers
+            xs = _load_logits(s_row, offs, n_cols, n_load, inv_temp)
+            xt = _load_logits(t_row, offs, n_cols, n_load, inv_temp)
+            m_s = tl.max(xs, axis=0)
+            m_t = tl.max(xt, axis=0)
+            d_s = tl.sum(tl.exp(xs - tl.where(m_s == float("-inf"), 0.0, m_s)), axis=0)
+            d_t = tl.sum(tl.exp(xt - tl.where(m_t == float("-inf"), 0.0, m_t)), axis=0)
+            log_d_s = tl.log(d_s)
+            log_d_t = tl.log(d_t)
+            logp = xs - m_s - log_d_s
+            logq = xt - m_t - log_d_t
+            p = tl.exp(logp)
+            q = tl.exp(logq)
+            ls, lt = _log_ratios(logp, logq, beta, MODE)
+            a = tl.sum(tl.where(p == 0.0, 0.0, p * ls), axis=0)
+            b = tl.sum(tl.where(q == 0.0, 0.0, q * lt), axis=0)
+            if WRITE_GRAD_S or WRITE_GRAD_T:
+                gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
+                in_row = offs < n_cols
+                if WRITE_GRAD_S:
+                    out = grad_s_ptr + row * n_cols + offs
+                    gs = tl.where(keep, gs, 0.0)
+                    tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
+                if WRITE_GRAD_T:
+                    out = grad_t_ptr + row * n_cols + offs
+                    gt = tl.where(keep, gt, 0.0)
+                    tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+        else:
+            # pass 1: log-sum-exp of both rows
+            m_s = float("-inf")
+            d_s = 0.0
+            m_t = float("-inf")
+            d_t = 0.0
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                xs = _load_logits(s_row, cols, n_cols, n_load, inv_temp)
+                xt = _load_logits(t_row, cols, n_cols, n_load, inv_temp)
+                new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+                new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+                shift_s = tl.where(new_m_s == float("-inf"), 0.0, new_m_s)
+                shift_t = tl.where(new_m_t == float("-inf"), 0.0, new_m_t)
+                d_s = d_s * tl.exp(m_s - shift_s) + tl.sum(tl.exp(xs - shift_s), axis=0)
+                d_t = d_t * tl.exp(m_t - shift_t) + tl.sum(tl.exp(xt - shift_t), axis=0)
+                m_s = new_m_s
+                m_t = new_m_t
+            # log p = (x - m) - log d: folding log d into m first (x - lse) would round it to
+            # the ulp of m, which costs relative accuracy on near-one probabilities.
+            log_d_s = tl.log(d_s)
+            log_d_t = tl.log(d_t)
 
-    # pass 2: A and B
-    acc_a = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + offs
-        logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
-        logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
-        p = tl.exp(logp)
-        q = tl.exp(logq)
-        ls, lt = _log_ratios(logp, logq, beta, MODE)
-        acc_a += tl.where(p == 0.0, 0.0, p * ls)
-        acc_b += tl.where(q == 0.0, 0.0, q * lt)
-    a = tl.sum(acc_a, axis=0)
-    b = tl.sum(acc_b, axis=0)
+            # pass 2: A and B, last chunk first
+            acc_a = tl.zeros([BLOCK], dtype=tl.float32)
+            acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+            n_chunks = tl.cdiv(n_cols, BLOCK)
+            for i in range(0, n_chunks):
+                cols = (n_chunks - 1 - i) * BLOCK + offs
+                logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
+                logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
+                p = tl.exp(logp)
+                q = tl.exp(logq)
+                ls, lt = _log_ratios(logp, logq, beta, MODE)
+                acc_a += tl.where(p == 0.0, 0.0, p * ls)
+                acc_b += tl.where(q == 0.0, 0.0, q * lt)
+            a = tl.sum(acc_a, axis=0)
+            b = tl.sum(acc_b, axis=0)
 
-    loss_a = tl.where(coef_a == 0.0, 0.0, coef_a * a)  # 0 * inf stays 0
-    loss_b = tl.where(coef_b == 0.0, 0.0, coef_b * b)
-    loss = loss_scale * (loss_a + loss_b)
-    if HAS_WEIGHT:
-        loss = loss * tl.load(weight_ptr + row).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
-    stats_row = stats_ptr + row * STATS_WIDTH
-    tl.store(stats_row + 0, m_s)
-    tl.store(stats_row + 1, log_d_s)
-    tl.store(stats_row + 2, m_t)
-    tl.store(stats_row + 3, log_d_t)
-    tl.store(stats_row + 4, a)
-    tl.store(stats_row + 5, b)
+            # pass 3 (fused path): gradients
+            if WRITE_GRAD_S or WRITE_GRAD_T:
+                _grad_pass(
+                    s_row,
+                    t_row,
+                    grad_s_ptr,
+                    grad_t_ptr,
+                    row,
+                    n_cols,
+                    n_load,
+                    keep,
+                    inv_temp,
+                    m_s,
+                    log_d_s,
+                    m_t,
+                    log_d_t,
+                    a,
+                    b,
+                    g,
+                    beta,
+                    coef_a,
+                    coef_b,
+                    MODE,
+                    WRITE_GRAD_S,
+                    WRITE_GRAD_T,
+                    BLOCK,
+                )
 
-    # pass 3 (fused path): gradients
-    if WRITE_GRAD_S or WRITE_GRAD_T:
-        g = _row_scale(
-            row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT
-        )
-        _grad_pass(
-            s_row,
-            t_row,
-            grad_s_ptr,
-            grad_t_ptr,
-            row,
-            n_cols,
-            n_load,
-            keep,
-            inv_temp,
-            m_s,
-            log_d_s,
-            m_t,
-            log_d_t,
-            a,
-            b,
-            g,
-            beta,
-            coef_a,
-            coef_b,
-            MODE,
-            WRITE_GRAD_S,
-            WRITE_GRAD_T,
-            BLOCK,
-        )
+        loss_a = tl.where(coef_a == 0.0, 0.0, coef_a * a)  # 0 * inf stays 0
+        loss_b = tl.where(coef_b == 0.0, 0.0, coef_b * b)
+        loss = loss_scale * (loss_a + loss_b)
+        if HAS_WEIGHT:
+            loss = loss * tl.load(weight_ptr + row).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+        stats_row = stats_ptr + row * STATS_WIDTH
+        tl.store(stats_row + 0, m_s)
+        tl.store(stats_row + 1, log_d_s)
+        tl.store(stats_row + 2, m_t)
+        tl.store(stats_row + 3, log_d_t)
+        tl.store(stats_row + 4, a)
+        tl.store(stats_row + 5, b)
 
 
 # ----------------------------------------------------------------------------------------
@@ -347,6 +387,7 @@ def _divergence_bwd_kernel(
     stats_ptr,
     grad_s_ptr,
     grad_t_ptr,
+    n_rows,
     n_cols,
     beta,
     coef_a,
@@ -361,50 +402,43 @@ def _divergence_bwd_kernel(
     BLOCK: tl.constexpr,
     STATS_WIDTH: tl.constexpr = 6,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-        n_load = tl.where(keep, n_cols, 0)
-    else:
-        keep = True
-        n_load = n_cols
-
-    stats_row = stats_ptr + row * STATS_WIDTH
-    m_s = tl.load(stats_row + 0)
-    log_d_s = tl.load(stats_row + 1)
-    m_t = tl.load(stats_row + 2)
-    log_d_t = tl.load(stats_row + 3)
-    a = tl.load(stats_row + 4)
-    b = tl.load(stats_row + 5)
-    g = _row_scale(row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT)
-
-    _grad_pass(
-        s_row,
-        t_row,
-        grad_s_ptr,
-        grad_t_ptr,
-        row,
-        n_cols,
-        n_load,
-        keep,
-        inv_temp,
-        m_s,
-        log_d_s,
-        m_t,
-        log_d_t,
-        a,
-        b,
-        g,
-        beta,
-        coef_a,
-        coef_b,
-        MODE,
-        WRITE_GRAD_S,
-        WRITE_GRAD_T,
-        BLOCK,
-    )
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + row) != 0
+            n_load = tl.where(keep, n_cols, 0)
+        else:
+            keep = True
+            n_load = n_cols
+        stats_row = stats_ptr + row * STATS_WIDTH
+        g = _row_scale(
+            row, keep, weight_ptr, grad_rows_ptr, grad_rows_stride, grad_scale, HAS_WEIGHT
+        )
+        _grad_pass(
+            s_ptr + row * s_stride,
+            t_ptr + row * t_stride,
+            grad_s_ptr,
+            grad_t_ptr,
+            row,
+            n_cols,
+            n_load,
+            keep,
+            inv_temp,
+            tl.load(stats_row + 0),
+            tl.load(stats_row + 1),
+            tl.load(stats_row + 2),
+            tl.load(stats_row + 3),
+            tl.load(stats_row + 4),
+            tl.load(stats_row + 5),
+            g,
+            beta,
+            coef_a,
+            coef_b,
+            MODE,
+            WRITE_GRAD_S,
+            WRITE_GRAD_T,
+            BLOCK,
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -420,6 +454,20 @@ def _block_config(n_cols: int, block: int | None = None) -> tuple[int, int]:
         raise ValueError(f"BLOCK must be a power of two, got {block}")
     num_warps = max(1, min(8, block // 256))
     return block, num_warps
+
+
+def _launch_config(n_rows: int, n_cols: int, config: dict | None) -> tuple[int, int, int]:
+    """(BLOCK, num_warps, programs) of a launch: ``config`` (keys ``block``, ``num_warps``,
+    ``programs``; any may be missing) over the defaults of :func:`_block_config` and one
+    program per row. ``programs`` < n_rows makes each program loop over rows."""
+    config = config or {}
+    block, num_warps = _block_config(n_cols, config.get("block"))
+    num_warps = int(config.get("num_warps") or num_warps)
+    if num_warps < 1 or num_warps & (num_warps - 1) or num_warps > 32:
+        raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
+    programs = config.get("programs")
+    programs = n_rows if programs is None else max(1, min(n_rows, int(programs)))
+    return block, num_warps, programs
 
 
 def _device_guard(x: torch.Tensor):
@@ -448,7 +496,7 @@ def _row_args(weight, mask, grad_rows):
 
 
 def _divergence_forward(
-    s, t, weight, mask, spec, grad_rows=None, need_grad_s=False, need_grad_t=False, block=None
+    s, t, weight, mask, spec, grad_rows=None, need_grad_s=False, need_grad_t=False, config=None
 ):
     _check_logits(s, t)
     n, n_cols = s.shape
@@ -463,10 +511,10 @@ def _divergence_forward(
     weight, mask, grad_rows, grad_rows_stride = _row_args(weight, mask, grad_rows)
     if not (need_grad_s or need_grad_t):
         grad_rows, grad_rows_stride = None, 0
-    block, num_warps = _block_config(n_cols, block)
+    block, num_warps, programs = _launch_config(n, n_cols, config)
     temperature = 1.0 / float(spec.inv_temp)
     with _device_guard(s):
-        _divergence_fwd_kernel[(n,)](
+        _divergence_fwd_kernel[(programs,)](
             s,
             s.stride(0),
             t,
@@ -479,6 +527,7 @@ def _divergence_forward(
             stats,
             grad_s,
             grad_t,
+            n,
             n_cols,
             float(spec.beta),
             float(spec.coef_a),
@@ -492,13 +541,14 @@ def _divergence_forward(
             WRITE_GRAD_S=bool(need_grad_s),
             WRITE_GRAD_T=bool(need_grad_t),
             BLOCK=block,
+            SINGLE=n_cols <= block,
             num_warps=num_warps,
         )
     return row_loss, stats, grad_s, grad_t
 
 
 def _divergence_backward(
-    s, t, weight, mask, stats, grad_rows, spec, need_grad_s=True, need_grad_t=False, block=None
+    s, t, weight, mask, stats, grad_rows, spec, need_grad_s=True, need_grad_t=False, config=None
 ):
     _check_logits(s, t)
     n, n_cols = s.shape
@@ -513,10 +563,10 @@ def _divergence_backward(
             f"stats must be a contiguous ({n}, {STATS_WIDTH}) tensor, got {tuple(stats.shape)}"
         )
     weight, mask, grad_rows, grad_rows_stride = _row_args(weight, mask, grad_rows)
-    block, num_warps = _block_config(n_cols, block)
+    block, num_warps, programs = _launch_config(n, n_cols, config)
     temperature = 1.0 / float(spec.inv_temp)
     with _device_guard(s):
-        _divergence_bwd_kernel[(n,)](
+        _divergence_bwd_kernel[(programs,)](
             s,
             s.stride(0),
             t,
@@ -528,6 +578,7 @@ def _divergence_backward(
             stats,
             grad_s,
             grad_t,
+            n,
             n_cols,
             float(spec.beta),
             float(spec.coef_a),
