@@ -1,32 +1,37 @@
 """Compile the Triton divergence kernels for sm_90 (H100) without a GPU and count their SASS.
 
-    python bench/triton_sass.py --out /tmp/triton_sass.json
+    python bench/triton_sass.py --out /tmp/triton_sass.json          # the whole grid
+    python bench/triton_sass.py --single --out /tmp/triton_sass.json # + one-chunk rows
     python bench/triton_sass.py --kernels fwd --dtypes bf16 --modes 1 --blocks 4096 \\
-        --warps 8 --sass-dir /tmp/sass --out /tmp/one.json
+        --warps 8 --sass-dir /tmp/sass --out /tmp/one.json          # one case, keep SASS
 
-Needs only the ``triton`` wheel (its bundled ``ptxas``, ``cuobjdump``) and torch (CPU is
-enough): no GPU, no CUDA toolkit, and TRITON_INTERPRET must stay unset. Each configuration
-of ``_divergence_fwd_kernel`` / ``_divergence_bwd_kernel`` (``ssld_kernels/triton/
-divergence.py``) is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``,
-with the argument types and the alignment specialisation (``tt.divisibility`` 16, ints
-equal to 1 and None pointers turned into constexprs) that Triton's JIT would derive from
-the launchers' arguments for contiguous ``(rows, --n-cols)`` logits. Reported per
-configuration:
+Needs only the ``triton`` wheel (its bundled ``ptxas`` and ``cuobjdump``) and torch on the
+CPU: no GPU, no CUDA toolkit; TRITON_INTERPRET must stay unset. For each configuration the
+launcher (``_divergence_forward`` / ``_divergence_backward`` of
+``ssld_kernels/triton/divergence.py``) is called on small contiguous CPU tensors of
+``--n-cols`` classes with a recording stand-in for its kernel, so the argument list,
+constexprs and options are exactly the launcher's (BLOCK and num_warps from the grid,
+HAS_WEIGHT / HAS_MASK False, WRITE_GRAD_T False). The arguments are specialised as
+Triton's JIT does (types, ``tt.divisibility`` 16, None pointers and ints equal to 1 as
+constexprs) and the kernel compiled with ``triton.compile`` for ``GPUTarget("cuda", 90,
+32)``. Reported per configuration:
 
-* ``regs``, ``spill_st`` / ``spill_ld`` (bytes), ``stack`` from ptxas's ``-v`` log, and
+* ``regs``, ``spill_st`` / ``spill_ld`` (bytes) and ``stack`` from ptxas's ``-v`` log,
   ``smem`` (Triton's shared-memory allocation, bytes);
 * whole-kernel SASS counts (``cuobjdump -sass``): global loads / stores by access width in
   bits (``LDG.E.128`` = 128, ``.64``, plain = 32, ``.U16`` = 16), ``MUFU.*``, ``FFMA`` /
   ``FMUL`` / ``FADD``, local-memory ``LDL`` / ``STL`` and the instruction total (NOPs
   excluded); the JSON also holds the full opcode histogram;
-* the same counts for each loop (a backward branch's target .. the branch), divided by the
-  elements per thread per iteration ``ept = BLOCK / (32 * num_warps)`` for the per-element
-  table. The forward's loops are, in address order, pass 1 (log-sum-exp), pass 2 (the sums
-  A, B) and, with a gradient, pass 3 (gradient writes); the backward has one (gradient).
+* the same counts for each innermost loop (a backward branch's target .. the branch),
+  divided by the elements per thread per iteration ``ept = BLOCK / (32 * num_warps)`` in
+  the per-element table. The forward's loops are, in address order, pass 1 (log-sum-exp),
+  pass 2 (the sums A, B) and, with a gradient, pass 3 (gradient writes); with SINGLE
+  (n_cols <= BLOCK, ``--single`` adds n_cols = BLOCK) it is the loop over rows; the
+  backward's is the gradient loop. Loops that do not match these names are ``loopN``.
 
-Elements are classes of one row: each reads one s and one t logit (and writes one
-gradient in the gradient loops). ``*`` marks the launcher's own choice for the given
-``--n-cols`` (``_block_config``).
+An element is one class of a row: one s and one t logit read (and one gradient written in
+the gradient loops). ``*`` marks the launcher's default (BLOCK, num_warps) for ``--n-cols``
+(``_block_config``). Triton / ptxas versions go into the JSON's ``meta``.
 """
 
 from __future__ import annotations
@@ -370,6 +375,7 @@ def print_tables(records: list[dict], default: tuple[int, int]) -> None:
                 + [lp["name"], lp["counts"]["total"], p["total"], p.get("mufu", 0)]
                 + [p.get("mufu_ex2", 0), p.get("mufu_lg2", 0), p.get("mufu_rcp", 0)]
                 + [p["fp32"], p.get("ffma", 0), p.get("fmul", 0), p.get("fadd", 0)]
+                + [p.get("fsetp", 0), p.get("fsel", 0)]
                 + [p.get("ldg_bytes", 0), p.get("stg_bytes", 0), p.get("ldl", 0), p.get("stl", 0)]
             )
     print("Whole kernel (sm_90a). LDG/STG: instructions of 128/64/32/16 bits; MUFU: EX2/LG2/RCP")
@@ -378,7 +384,8 @@ def print_tables(records: list[dict], default: tuple[int, int]) -> None:
     print(fmt_table(key + heads, rows))
     print("\nLoops, per element (class) per thread: instruction counts / ept")
     heads = ["loop", "instrs", "tot/e", "MUFU/e", "EX2/e", "LG2/e", "RCP/e", "FP32/e"]
-    heads += ["FFMA/e", "FMUL/e", "FADD/e", "LDG B/e", "STG B/e", "LDL/e", "STL/e"]
+    heads += ["FFMA/e", "FMUL/e", "FADD/e", "FSETP/e", "FSEL/e", "LDG B/e", "STG B/e"]
+    heads += ["LDL/e", "STL/e"]
     print(fmt_table(key + heads, loop_rows))
     if errors:
         print("\nFailed to compile:")

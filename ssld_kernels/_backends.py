@@ -221,6 +221,17 @@ def _check_entry(e) -> None:
             raise ValueError(f"entry has a bad time {name!r}: {ms!r}")
     if e["backend"] not in BACKENDS:
         raise ValueError(f"entry names an unknown backend {e['backend']!r}")
+    cfg = e.get("triton_config")
+    if cfg is not None:
+        if not isinstance(cfg, dict) or not set(cfg) <= set(TRITON_CONFIG_KEYS):
+            raise ValueError(f"entry has a bad triton_config {cfg!r}")
+        for key, v in cfg.items():
+            if type(v) is not int or v < 1 or v & (v - 1):
+                raise ValueError(f"entry's triton_config {key} must be a power of two: {v!r}")
+
+
+# launch parameters of the Triton divergence kernels a table may set per bucket
+TRITON_CONFIG_KEYS = ("block", "num_warps", "programs_per_sm")
 
 
 def parse_tune_table(data, device_name: str, versions: dict) -> tuple[dict | None, str]:
@@ -279,21 +290,55 @@ def load_tune_table(path: Path, device_name: str, versions: dict | None = None) 
     return table
 
 
-def lookup_tune(table: dict | None, op: str, mode: str, dtype: str, n_cols: int) -> tuple[str, ...]:
-    """Backends measured for (op, mode, dtype, C) in ``table``, fastest first; () if none.
-
-    Pure: no availability check (the caller skips unavailable backends). The first entry
-    whose bucket ``c_lo <= n_cols < c_hi`` holds wins.
-    """
+def _tune_entry(table: dict | None, op: str, mode: str, dtype: str, n_cols: int) -> dict | None:
+    """The first entry of ``table`` for (op, mode, dtype) whose bucket c_lo <= C < c_hi holds."""
     if table is None:
-        return ()
+        return None
     for e in table["entries"]:
         if e["op"] != op or e["mode"] != mode or e["dtype"] != dtype:
             continue
         if e["c_lo"] <= n_cols and (e["c_hi"] is None or n_cols < e["c_hi"]):
-            ranked = sorted(e["ms"], key=lambda name: (e["ms"][name], name != e["backend"]))
-            return tuple(ranked) if ranked else (e["backend"],)
-    return ()
+            return e
+    return None
+
+
+def lookup_tune(table: dict | None, op: str, mode: str, dtype: str, n_cols: int) -> tuple[str, ...]:
+    """Backends measured for (op, mode, dtype, C) in ``table``, fastest first; () if none.
+
+    Pure: no availability check (the caller skips unavailable backends).
+    """
+    e = _tune_entry(table, op, mode, dtype, n_cols)
+    if e is None:
+        return ()
+    ranked = sorted(e["ms"], key=lambda name: (e["ms"][name], name != e["backend"]))
+    return tuple(ranked) if ranked else (e["backend"],)
+
+
+def lookup_triton_config(
+    table: dict | None, mode: str, dtype: str, n_cols: int
+) -> dict[str, int] | None:
+    """The measured-best Triton launch config of the divergence bucket, or None."""
+    e = _tune_entry(table, "divergence", mode, dtype, n_cols)
+    return None if e is None else e.get("triton_config")
+
+
+@functools.cache
+def tuned_triton_config(
+    index: int, mode: str, dtype: torch.dtype, n_cols: int
+) -> dict[str, int] | None:
+    """Triton launch config for CUDA device ``index`` from its tune table (None: defaults),
+    with ``programs_per_sm`` turned into ``programs`` for this device. Cached."""
+    device_name = _device_name(index)
+    if device_name is None:
+        return None
+    cfg = lookup_triton_config(tune_table(device_name), mode, dtype_name(dtype), n_cols)
+    if not cfg:
+        return None
+    cfg = dict(cfg)
+    per_sm = cfg.pop("programs_per_sm", None)
+    if per_sm is not None:
+        cfg["programs"] = per_sm * torch.cuda.get_device_properties(index).multi_processor_count
+    return cfg
 
 
 def _device_name(index: int | None) -> str | None:
@@ -334,6 +379,7 @@ def clear_tune_cache() -> None:
     """Forget loaded tune tables and cached resolutions (after writing a new table)."""
     _tune_table_for.cache_clear()
     _resolve.cache_clear()
+    tuned_triton_config.cache_clear()
 
 
 def _tune_dtype(dtypes: tuple) -> torch.dtype:

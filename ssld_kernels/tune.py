@@ -11,6 +11,11 @@ For each dtype, class count C and row count it times, per backend, two modes wit
   fwdbwd  ``softmax_divergence`` + ``loss.backward()`` (the autograd path)
   fused   ``softmax_divergence_and_grad`` (loss and gradient from one kernel)
 
+The Triton backend is also timed with each launch config of ``TRITON_CONFIGS`` (chunk
+size, warps, programs per SM; ``--no-triton-configs`` skips them): the fastest stands for
+"triton" in the entry, and is stored as the entry's ``triton_config``, which the Triton
+launcher then uses for that bucket (default launch when absent).
+
 Buckets: the measured class counts c_1 < ... < c_k split the C axis at the geometric
 midpoints ceil(sqrt(c_i * c_i+1)); the entry of c_i covers c_lo <= C < c_hi, the first from
 C = 1, the last unbounded (c_hi null). A backend's time in an entry is the geometric mean over
@@ -27,6 +32,7 @@ after upgrading any of them. ``python -m ssld_kernels`` says whether a table is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -111,6 +117,9 @@ def build_entries(results: list[dict], classes: list[int], rows: list[int]) -> l
                     for r in results
                     if r["mode"] == mode and r["dtype"] == dtype and r["classes"] == c
                 ]
+                cases = [
+                    dict(r, backend=_variant_name(r["backend"], r.get("config"))) for r in cases
+                ]
                 by_rows: dict[str, dict] = {}
                 for r in cases:
                     timing = (
@@ -127,20 +136,48 @@ def build_entries(results: list[dict], classes: list[int], rows: list[int]) -> l
                         ms[name] = geometric_mean(times)
                 if not ms:
                     continue
-                entries.append(
-                    {
-                        "op": "divergence",
-                        "mode": mode,
-                        "dtype": dtype,
-                        "c_lo": c_lo,
-                        "c_hi": c_hi,
-                        "c": c,
-                        "backend": min(ms, key=ms.get),
-                        "ms": ms,
-                        "ms_by_rows": by_rows,
-                    }
-                )
+                entry = {"op": "divergence", "mode": mode, "dtype": dtype, "c_lo": c_lo,
+                         "c_hi": c_hi, "c": c}  # fmt: skip
+                variants = {k: v for k, v in ms.items() if "@" in k}
+                if variants:  # Triton launch configs: the fastest stands for triton
+                    best = min(variants, key=variants.get)
+                    if "triton" not in ms or variants[best] < ms["triton"]:
+                        ms["triton"] = variants[best]
+                        entry["triton_config"] = json.loads(best.split("@", 1)[1])
+                    entry["triton_configs_ms"] = dict(
+                        sorted(variants.items(), key=lambda kv: kv[1])
+                    )
+                    ms = {k: v for k, v in ms.items() if "@" not in k}
+                entry.update(backend=min(ms, key=ms.get), ms=ms, ms_by_rows=by_rows)
+                entries.append(entry)
     return entries
+
+
+def _variant_name(backend: str, config: dict | None) -> str:
+    """``triton`` for the default launch, ``triton@{"block": ...}`` for a measured config."""
+    return backend if not config else f"{backend}@{json.dumps(config, sort_keys=True)}"
+
+
+# Triton launch configs measured besides the defaults (one program per row, chunks of up to
+# 4096 classes over 8 warps): bigger chunks (whole rows up to 8192 classes in registers) and
+# programs looping over rows, 1-4 per SM, which bounds the rows in flight and so the L2
+# footprint of the passes that re-read a row.
+TRITON_CONFIGS = (
+    {"block": 8192, "num_warps": 16},
+    {"block": 8192, "num_warps": 16, "programs_per_sm": 1},
+    {"block": 4096, "num_warps": 8, "programs_per_sm": 2},
+    {"block": 2048, "num_warps": 4, "programs_per_sm": 4},
+)
+
+
+def _resolved(config: dict | None) -> dict | None:
+    """``config`` with programs_per_sm turned into programs for the current GPU."""
+    if not config or "programs_per_sm" not in config:
+        return config
+    out = dict(config)
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    out["programs"] = out.pop("programs_per_sm") * sms
+    return out
 
 
 def make_table(
@@ -208,6 +245,15 @@ def time_case(backend, mode, dtype, n, c, kind="jsd", warmup=25.0, rep=100.0) ->
     return {"median_ms": float(q[0]), "p20_ms": float(q[1]), "p80_ms": float(q[2])}
 
 
+def _forced(backend: str, config: dict | None):
+    """Context in which the Triton kernels launch with ``config`` (a no-op otherwise)."""
+    if backend != "triton":
+        return contextlib.nullcontext()
+    from ssld_kernels.triton.divergence import forced_config
+
+    return forced_config(_resolved(config) or {})
+
+
 def run(args) -> tuple[dict, Path]:
     """Measure every case, write the table, return (table, path)."""
     if not torch.cuda.is_available():
@@ -230,24 +276,31 @@ def run(args) -> tuple[dict, Path]:
     if path is None:
         raise SystemExit(f"{_backends.TUNE_ENV_VAR} disables tables; pass --out FILE")
     print(f"tuning on {device_name}: {', '.join(backends)} -> {path}", flush=True)
+    variants = [(b, None) for b in backends]
+    if "triton" in backends and not args.no_triton_configs:
+        variants += [("triton", cfg) for cfg in TRITON_CONFIGS]
     results = []
     for dtype in args.dtypes:
         dname = _backends.dtype_name(dtype)
         for c in args.classes:
             for n in args.rows:
                 for mode in _backends.TUNE_MODES:
-                    for b in backends:
+                    for b, config in variants:
                         case = {"mode": mode, "dtype": dname, "rows": n, "classes": c, "backend": b}
+                        if config:
+                            case["config"] = config
                         try:
-                            case.update(
-                                time_case(b, mode, dtype, n, c, args.kind, args.warmup, args.rep)
-                            )
+                            with _forced(b, config):
+                                case.update(time_case(
+                                    b, mode, dtype, n, c, args.kind, args.warmup, args.rep
+                                ))  # fmt: skip
                             msg = f"{case['median_ms']:9.4f} ms"
                         except Exception as e:  # OOM, unsupported shape: recorded, not fatal
                             case["error"] = repr(e)[:300]
                             msg = f"ERROR {case['error']}"
                         results.append(case)
-                        print(f"{mode:6s} {dname:8s} {n:6d} x {c:<7d} {b:6s} {msg}", flush=True)
+                        name = _variant_name(b, config)
+                        print(f"{mode:6s} {dname:8s} {n:6d} x {c:<7d} {name} {msg}", flush=True)
                 torch.cuda.empty_cache()
     meta = {
         "cuda": torch.version.cuda,
@@ -258,6 +311,7 @@ def run(args) -> tuple[dict, Path]:
         "classes": args.classes,
         "warmup_ms": args.warmup,
         "rep_ms": args.rep,
+        "triton_configs": [] if args.no_triton_configs else list(TRITON_CONFIGS),
         "bucketing": "geometric midpoints of the measured class counts",
         "ms": "geometric mean over rows of do_bench medians",
     }
@@ -325,6 +379,11 @@ def main(argv=None) -> int:
     ap.add_argument("--kind", default="jsd", choices=["jsd", "sym_kl", "kl"])
     ap.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench measuring time, ms")
+    ap.add_argument(
+        "--no-triton-configs",
+        action="store_true",
+        help="time only the default Triton launch (not the TRITON_CONFIGS variants)",
+    )
     ap.add_argument("--show", action="store_true", help="print the table and exit")
     args = ap.parse_args(argv)
     if args.show:

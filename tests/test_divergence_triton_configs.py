@@ -66,8 +66,10 @@ def test_configs_match_reference(config, dtype, kind, beta):
 def test_bad_config():
     from ssld_kernels.triton import divergence as tr
 
-    s = torch.randn(2, 10)
+    s = torch.randn(2, 100)
     with pytest.raises(ValueError, match="BLOCK must be a power of two"):
         tr._divergence_forward(s, s, None, None, make_spec(), config={"block": 24})
     with pytest.raises(ValueError, match="num_warps"):
         tr._divergence_forward(s, s, None, None, make_spec(), config={"num_warps": 3})
+    # a chunk larger than the row is cut to the row's power of two
+    assert tr._launch_config(4, 100, {"block": 8192, "programs": 9}) == (128, 1, 4)

@@ -169,6 +169,64 @@ def test_build_entries_geometric_mean_and_errors():
     assert _backends.parse_tune_table(table, FAKE_GPU, _backends.tune_versions()) == (table, "")
 
 
+def test_build_entries_triton_configs():
+    """Measured Triton launch configs: the fastest stands for triton in the ranking and is
+    stored as the bucket's triton_config (none when the defaults win)."""
+    big = {"block": 8192, "num_warps": 16}
+    loop = {"block": 4096, "num_warps": 8, "programs_per_sm": 2}
+
+    def case(c, backend, ms, config=None):
+        r = {"mode": "fused", "dtype": "float32", "rows": 256, "classes": c, "backend": backend,
+             "median_ms": ms, "p20_ms": ms, "p80_ms": ms}  # fmt: skip
+        if config:
+            r["config"] = config
+        return r
+
+    results = [
+        case(1000, "cuda", 0.10), case(1000, "triton", 0.20),
+        case(1000, "triton", 0.30, big), case(1000, "triton", 0.25, loop),
+        case(32000, "cuda", 1.00), case(32000, "triton", 1.20),
+        case(32000, "triton", 0.90, big), case(32000, "triton", 0.80, loop),
+    ]  # fmt: skip
+    entries = tune.build_entries(results, [1000, 32000], [256])
+    by = {e["c"]: e for e in entries}
+    small, large = by[1000], by[32000]
+    assert small["backend"] == "cuda" and "triton_config" not in small  # defaults were best
+    assert small["ms"] == pytest.approx({"cuda": 0.10, "triton": 0.20})
+    assert large["backend"] == "triton"
+    assert large["ms"] == pytest.approx({"cuda": 1.0, "triton": 0.8})
+    assert large["triton_config"] == loop
+    assert list(large["triton_configs_ms"].values()) == pytest.approx([0.8, 0.9])
+    table = tune.make_table(FAKE_GPU, entries, {"kind": "jsd"})
+    assert _backends.parse_tune_table(table, FAKE_GPU, _backends.tune_versions()) == (table, "")
+    look = _backends.lookup_triton_config
+    assert look(table, "fused", "float32", 40000) == loop
+    assert look(table, "fused", "float32", 999) is None
+    assert look(table, "fwdbwd", "float32", 40000) is None
+
+
+@pytest.mark.parametrize(
+    "config", [{"block": 3000}, {"warps": 8}, {"num_warps": 0}, [8192], {"block": "8192"}]
+)
+def test_bad_triton_config_rejects_table(config):
+    e = dict(ENTRIES[0], triton_config=config)
+    table, why = _backends.parse_tune_table(_table([e]), FAKE_GPU, _backends.tune_versions())
+    assert table is None and "triton_config" in why
+
+
+def test_tuned_triton_config_resolves_programs(fake_gpu, monkeypatch):
+    e = dict(ENTRIES[5], triton_config={"block": 2048, "programs_per_sm": 4})
+    tune.write_table(fake_gpu, _table([*ENTRIES[:5], e]))
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    cfg = _backends.tuned_triton_config(0, "fused", FP32, 1000)
+    assert cfg == {"block": 2048, "programs": 528}
+    assert _backends.tuned_triton_config(0, "fwdbwd", FP32, 1000) is None
+
+
 def test_write_table_atomic(tmp_path):
     path = tmp_path / "sub" / "t.json"
     tune.write_table(path, _table())

@@ -461,13 +461,44 @@ def _launch_config(n_rows: int, n_cols: int, config: dict | None) -> tuple[int, 
     ``programs``; any may be missing) over the defaults of :func:`_block_config` and one
     program per row. ``programs`` < n_rows makes each program loop over rows."""
     config = config or {}
-    block, num_warps = _block_config(n_cols, config.get("block"))
+    block = config.get("block")
+    if block is not None:  # never more than the row needs
+        block = min(int(block), max(16, triton.next_power_of_2(max(n_cols, 1))))
+    block, num_warps = _block_config(n_cols, block)
     num_warps = int(config.get("num_warps") or num_warps)
     if num_warps < 1 or num_warps & (num_warps - 1) or num_warps > 32:
         raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps}")
     programs = config.get("programs")
     programs = n_rows if programs is None else max(1, min(n_rows, int(programs)))
     return block, num_warps, programs
+
+
+_FORCED_CONFIG: list = [None]
+
+
+@contextlib.contextmanager
+def forced_config(config: dict | None):
+    """Launch the divergence kernels with ``config`` (keys of :func:`_launch_config`) inside
+    the block, whatever the tune table says; for measurements (``ssld_kernels.tune``)."""
+    old = _FORCED_CONFIG[0]
+    _FORCED_CONFIG[0] = config
+    try:
+        yield
+    finally:
+        _FORCED_CONFIG[0] = old
+
+
+def _config_for(s: torch.Tensor, t: torch.Tensor, mode: str) -> dict | None:
+    """The launch config: forced, else the tune table's for this GPU and bucket, else None
+    (the defaults of :func:`_launch_config`)."""
+    if _FORCED_CONFIG[0] is not None:
+        return _FORCED_CONFIG[0]
+    if not s.is_cuda:
+        return None
+    from ssld_kernels import _backends
+
+    dtype = _backends._tune_dtype((s.dtype, t.dtype))
+    return _backends.tuned_triton_config(s.device.index, mode, dtype, s.shape[1])
 
 
 def _device_guard(x: torch.Tensor):
@@ -609,7 +640,11 @@ def divergence_forward(
     With ``need_grad_s`` / ``need_grad_t`` the gradients of sum_r grad_rows[r] * row_loss[r]
     are produced by the same kernel launch (``grad_rows``: float32, n elements, any stride).
     """
-    return _divergence_forward(s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t)
+    mode = "fused" if need_grad_s or need_grad_t else "fwdbwd"
+    config = _config_for(s, t, mode)
+    return _divergence_forward(
+        s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t, config
+    )
 
 
 def divergence_backward(
@@ -620,6 +655,7 @@ def divergence_backward(
     Gradients of sum_r grad_rows[r] * row_loss[r] from the ``stats`` saved by
     :func:`divergence_forward`, in one kernel launch and one pass over each row.
     """
+    config = _config_for(s, t, "fwdbwd")
     return _divergence_backward(
-        s, t, weight, mask, stats, grad_rows, spec, need_grad_s, need_grad_t
+        s, t, weight, mask, stats, grad_rows, spec, need_grad_s, need_grad_t, config
     )
