@@ -35,7 +35,8 @@ PYBIND11_MODULE(_C, m) {
       F(s) F(s_dtype) F(s_stride) F(t) F(t_dtype) F(t_stride) F(n_rows) F(n_cols)
       F(mode) F(beta) F(coef_a) F(coef_b) F(inv_temp) F(loss_scale) F(grad_scale)
       F(weight) F(mask) F(grad_rows) F(grad_rows_stride) F(row_loss) F(stats)
-      F(grad_s) F(grad_s_stride) F(grad_t) F(grad_t_stride) F(num_threads) F(stream) F(device);
+      F(grad_s) F(grad_s_stride) F(grad_t) F(grad_t_stride) F(num_threads) F(stream) F(device)
+      F(cuda_threads) F(cuda_blocks) F(cuda_row_cache);
 #undef F
   py::class_<ssld::KnnParams>(m, "KnnParams")
       .def(py::init<>())

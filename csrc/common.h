@@ -87,6 +87,12 @@ struct DivParams {
   int num_threads = 1;           // CPU: threads to use (torch.get_num_threads())
   std::uintptr_t stream = 0;     // CUDA: cudaStream_t
   int device = 0;                // CUDA: device index of every pointer
+
+  // CUDA launch config of the block-per-row kernels (rows over 1024 classes); 0 = default.
+  int cuda_threads = 0;          // threads per block: a power of two in [64, 1024]
+  std::int64_t cuda_blocks = 0;  // grid size limit (blocks loop over rows); 0: one per row
+  int cuda_row_cache = 0;        // forward: 1 = keep the row in shared memory between passes
+                                 // when it fits (one read of each logit), 0 / -1 = do not
 };
 
 inline void check(bool cond, const std::string& msg) {

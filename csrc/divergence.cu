@@ -26,6 +26,11 @@
 //     <= 32768 / larger), chunked:
 //     pass 1 online (max, sum-exp) per thread + block reduction of the pairs, pass 2 A and B,
 //     pass 3 (only when writing gradients) the gradient. No limit on n_cols.
+//   * row cache (DivParams.cuda_row_cache = 1, chosen per shape by the tune table): pass 1
+//     also copies the row into shared memory (up to the opt-in limit, ~227 KB on an H100:
+//     C <= ~28k fp32, ~56k bf16 pairs) and passes 2 and 3 read the copy, so each logit is
+//     read from global memory once. Without it pass 2 runs last step first (L2 reuse).
+//     DivParams.cuda_threads / cuda_blocks override the block size and cap the grid.
 //   * backward: one pass over the row using the saved (m_s, l_s, m_t, l_t, A, B), warp-per-row or
 //     block-per-row with the same threshold.
 //   * A "step" is 8 consecutive values per thread. Vectorized variant (all row pointers and
@@ -37,7 +42,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -419,7 +426,19 @@ struct RowPtrs {
     gs = k.grad_s == nullptr ? nullptr : static_cast<TS*>(k.grad_s) + row * k.grad_s_stride;
     gt = k.grad_t == nullptr ? nullptr : static_cast<TT*>(k.grad_t) + row * k.grad_t_stride;
   }
+  // The same row read from elsewhere (the shared-memory copy), gradients unchanged.
+  __device__ __forceinline__ RowPtrs reading(const TS* s2, const TT* t2) const {
+    RowPtrs r = *this;
+    r.s = s2;
+    r.t = t2;
+    return r;
+  }
 };
+
+// Shared-memory row cache: the raw student row at byte 0, the teacher row at this offset.
+__host__ __device__ __forceinline__ std::int64_t cache_t_offset(std::int64_t C, int s_bytes) {
+  return (C * s_bytes + 15) / 16 * 16;
+}
 
 // Masked row: exact zeros in the gradients, logits never read.
 template <typename TS, typename TT, bool VEC>
@@ -544,13 +563,22 @@ __global__ void __launch_bounds__(kWarpRows * 32, warp_min_blocks(NV))
 // ---------------------------------------------------------------------------------------
 // Forward, block per row, chunked (any n_cols).
 // ---------------------------------------------------------------------------------------
-template <typename TS, typename TT, bool VEC>
+// CACHE: pass 1 also copies the raw row into dynamic shared memory (s, then t at
+// cache_t_offset) and passes 2 and 3 read that copy: one global read of each logit. Each
+// thread reads back only the elements it wrote itself (the same step positions), so the
+// copy needs no barrier. Without it pass 2 walks the steps last to first, starting on what
+// pass 1 read last (the likeliest still in L2).
+template <typename TS, typename TT, bool VEC, bool CACHE>
 __global__ void __launch_bounds__(1024) div_fwd_block_kernel(const KParams k) {
   __shared__ float4 sh[32];
+  extern __shared__ uint4 row_cache[];
   const int tid = threadIdx.x, G = blockDim.x;
   const std::int64_t C = k.n_cols;
   const std::int64_t K = num_steps(C, G);
   const bool want_grad = k.grad_s != nullptr || k.grad_t != nullptr;
+  TS* cs = reinterpret_cast<TS*>(row_cache);
+  TT* ct = reinterpret_cast<TT*>(reinterpret_cast<char*>(row_cache) +
+                                 cache_t_offset(C, static_cast<int>(sizeof(TS))));
   for (std::int64_t row = blockIdx.x; row < k.n_rows; row += gridDim.x) {
     const RowPtrs<TS, TT> rp(k, row);
     if (!row_kept(k, row)) {  // block-uniform
@@ -564,22 +592,35 @@ __global__ void __launch_bounds__(1024) div_fwd_block_kernel(const KParams k) {
       const Pos pos = step_pos<VEC>(st, tid, G, C);
       if (pos.j0 >= C) continue;
       float xs[kStep], xt[kStep];
-      load_step<VEC>(rp.s, pos, C, k.inv_temp, xs);
-      load_step<VEC>(rp.t, pos, C, k.inv_temp, xt);
+      if (CACHE) {  // raw values to shared memory, then scaled (x * 1 * s == x * s exactly)
+        load_step<VEC>(rp.s, pos, C, 1.f, xs);
+        load_step<VEC>(rp.t, pos, C, 1.f, xt);
+        store_step<VEC>(cs, pos, C, xs);
+        store_step<VEC>(ct, pos, C, xt);
+#pragma unroll
+        for (int e = 0; e < kStep; ++e) {
+          xs[e] *= k.inv_temp;
+          xt[e] *= k.inv_temp;
+        }
+      } else {
+        load_step<VEC>(rp.s, pos, C, k.inv_temp, xs);
+        load_step<VEC>(rp.t, pos, C, k.inv_temp, xt);
+      }
       ms_add_step(as, xs);
       ms_add_step(at, xt);
     }
     block_merge2(as, at, sh);
     const RowStats rs{ms_ref(as.m), logf(as.s), ms_ref(at.m), logf(at.s)};
+    const RowPtrs<TS, TT> rd = CACHE ? rp.reading(cs, ct) : rp;  // where passes 2, 3 read
 
-    // Pass 2: A and B.
+    // Pass 2: A and B, last step first.
     float A = 0.f, B = 0.f;
-    for (std::int64_t st = 0; st < K; ++st) {
-      const Pos pos = step_pos<VEC>(st, tid, G, C);
+    for (std::int64_t i = 0; i < K; ++i) {
+      const Pos pos = step_pos<VEC>(K - 1 - i, tid, G, C);
       if (pos.j0 >= C) continue;
       float xs[kStep], xt[kStep];
-      load_step<VEC>(rp.s, pos, C, k.inv_temp, xs);
-      load_step<VEC>(rp.t, pos, C, k.inv_temp, xt);
+      load_step<VEC>(rd.s, pos, C, k.inv_temp, xs);
+      load_step<VEC>(rd.t, pos, C, k.inv_temp, xt);
 #pragma unroll
       for (int e = 0; e < kStep; ++e) {
         if (pos.valid(e, C)) {
@@ -594,7 +635,7 @@ __global__ void __launch_bounds__(1024) div_fwd_block_kernel(const KParams k) {
 
     // Pass 3: gradients (fused path).
     if (want_grad)
-      grad_row_pass<TS, TT, VEC>(k, rp, tid, G, rs, A, B, row_grad_factor(k, row));
+      grad_row_pass<TS, TT, VEC>(k, rd, tid, G, rs, A, B, row_grad_factor(k, row));
   }
 }
 
@@ -710,14 +751,56 @@ unsigned int grid_for(std::int64_t units) {
   return static_cast<unsigned int>(units < kMaxGrid ? units : kMaxGrid);
 }
 
-int block_threads_for(std::int64_t C) {
-  if (C <= 8192) return 256;
-  if (C <= 32768) return 512;
+int block_threads_for(const DivParams& p) {
+  if (p.cuda_threads > 0) return p.cuda_threads;
+  if (p.n_cols <= 8192) return 256;
+  if (p.n_cols <= 32768) return 512;
   return 1024;
 }
 
+unsigned int block_grid_for(const DivParams& p) {
+  const std::int64_t n = p.n_rows;
+  return grid_for(p.cuda_blocks > 0 && p.cuda_blocks < n ? p.cuda_blocks : n);
+}
+
+constexpr int kMaxDevices = 64;
+
+// Largest dynamic shared memory a block may opt in to on `device` (cached).
+int max_dynamic_smem(int device) {
+  static std::atomic<int> cached[kMaxDevices];  // 0: not queried yet
+  if (device < 0 || device >= kMaxDevices) return 0;
+  int v = cached[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    check_cuda(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute(MaxSharedMemoryPerBlockOptin)");
+    v -= static_cast<int>(32 * sizeof(float4)) + 1024;  // the static sh[] and some slack
+    cached[device].store(v, std::memory_order_relaxed);
+  }
+  return v;
+}
+
+// Dynamic shared memory of the row cache, or 0 when it is off or the row does not fit.
+std::size_t row_cache_bytes(const DivParams& p) {
+  if (p.cuda_row_cache != 1 || p.n_cols <= kWarpMaxCols) return 0;
+  const std::int64_t bytes = cache_t_offset(p.n_cols, static_cast<int>(elem_size(p.s_dtype))) +
+                             p.n_cols * static_cast<std::int64_t>(elem_size(p.t_dtype));
+  return bytes <= max_dynamic_smem(p.device) ? static_cast<std::size_t>(bytes) : 0;
+}
+
+// Lets `kernel` use the device's whole opt-in shared memory (once per kernel and device; the
+// attribute only permits, so concurrent launches with any smaller size stay valid).
+template <typename Kernel>
+void allow_max_smem(Kernel kernel, int device) {
+  static std::once_flag flags[kMaxDevices];
+  std::call_once(flags[device], [&] {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    max_dynamic_smem(device)),
+               "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
+  });
+}
+
 template <typename TS, typename TT, bool VEC>
-void launch_forward(const KParams& k, cudaStream_t stream) {
+void launch_forward(const DivParams& p, const KParams& k, cudaStream_t stream) {
   const std::int64_t C = k.n_cols;
   if (C <= kWarpMaxCols) {
     const dim3 grid(grid_for((k.n_rows + kWarpRows - 1) / kWarpRows));
@@ -728,25 +811,43 @@ void launch_forward(const KParams& k, cudaStream_t stream) {
       div_fwd_warp_kernel<TS, TT, 2, VEC><<<grid, block, 0, stream>>>(k);
     else
       div_fwd_warp_kernel<TS, TT, 4, VEC><<<grid, block, 0, stream>>>(k);
+  } else if (const std::size_t smem = row_cache_bytes(p)) {
+    const auto kernel = div_fwd_block_kernel<TS, TT, VEC, true>;
+    allow_max_smem(kernel, p.device);
+    kernel<<<block_grid_for(p), block_threads_for(p), smem, stream>>>(k);
   } else {
-    div_fwd_block_kernel<TS, TT, VEC>
-        <<<grid_for(k.n_rows), block_threads_for(C), 0, stream>>>(k);
+    div_fwd_block_kernel<TS, TT, VEC, false>
+        <<<block_grid_for(p), block_threads_for(p), 0, stream>>>(k);
   }
 }
 
 template <typename TS, typename TT, bool VEC>
-void launch_backward(const KParams& k, cudaStream_t stream) {
+void launch_backward(const DivParams& p, const KParams& k, cudaStream_t stream) {
   if (k.n_cols <= kWarpMaxCols) {
     div_bwd_warp_kernel<TS, TT, VEC>
         <<<grid_for((k.n_rows + kWarpRows - 1) / kWarpRows), kWarpRows * 32, 0, stream>>>(k);
   } else {
-    div_bwd_block_kernel<TS, TT, VEC>
-        <<<grid_for(k.n_rows), block_threads_for(k.n_cols), 0, stream>>>(k);
+    div_bwd_block_kernel<TS, TT, VEC><<<block_grid_for(p), block_threads_for(p), 0, stream>>>(k);
   }
+}
+
+void check_launch_config(const DivParams& p) {
+  const int th = p.cuda_threads;
+  if (th != 0 && (th < 64 || th > 1024 || (th & (th - 1)) != 0))
+    throw std::invalid_argument("cuda_threads must be 0 (default) or a power of two in "
+                                "[64, 1024], got " + std::to_string(th));
+  if (p.cuda_blocks < 0)
+    throw std::invalid_argument("cuda_blocks must be >= 0, got " + std::to_string(p.cuda_blocks));
+  if (p.cuda_row_cache < -1 || p.cuda_row_cache > 1)
+    throw std::invalid_argument("cuda_row_cache must be -1, 0 or 1, got " +
+                                std::to_string(p.cuda_row_cache));
+  if (p.device < 0 || p.device >= kMaxDevices)
+    throw std::invalid_argument("device index out of range: " + std::to_string(p.device));
 }
 
 void run(const DivParams& p, bool backward) {
   check_div_params(p, backward);
+  check_launch_config(p);
   if (p.s_dtype == kFloat64 || p.t_dtype == kFloat64)
     throw std::invalid_argument(
         std::string("CUDA divergence kernels do not support float64 logits (student ") +
@@ -762,11 +863,11 @@ void run(const DivParams& p, bool backward) {
     using TS = typename decltype(ts)::type;
     using TT = typename decltype(tt)::type;
     if (backward) {
-      if (vec) launch_backward<TS, TT, true>(k, stream);
-      else launch_backward<TS, TT, false>(k, stream);
+      if (vec) launch_backward<TS, TT, true>(p, k, stream);
+      else launch_backward<TS, TT, false>(p, k, stream);
     } else {
-      if (vec) launch_forward<TS, TT, true>(k, stream);
-      else launch_forward<TS, TT, false>(k, stream);
+      if (vec) launch_forward<TS, TT, true>(p, k, stream);
+      else launch_forward<TS, TT, false>(p, k, stream);
     }
   });
   check_cuda(cudaGetLastError(), backward ? "backward kernel launch" : "forward kernel launch");

@@ -40,6 +40,7 @@ the wider dtype.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -221,17 +222,55 @@ def _check_entry(e) -> None:
             raise ValueError(f"entry has a bad time {name!r}: {ms!r}")
     if e["backend"] not in BACKENDS:
         raise ValueError(f"entry names an unknown backend {e['backend']!r}")
-    cfg = e.get("triton_config")
-    if cfg is not None:
-        if not isinstance(cfg, dict) or not set(cfg) <= set(TRITON_CONFIG_KEYS):
-            raise ValueError(f"entry has a bad triton_config {cfg!r}")
+    for backend, keys in LAUNCH_CONFIG_KEYS.items():
+        cfg = e.get(f"{backend}_config")
+        if cfg is None:
+            continue
+        if not isinstance(cfg, dict) or not set(cfg) <= set(keys):
+            raise ValueError(f"entry has a bad {backend}_config {cfg!r}")
         for key, v in cfg.items():
-            if type(v) is not int or v < 1 or v & (v - 1):
-                raise ValueError(f"entry's triton_config {key} must be a power of two: {v!r}")
+            ok = type(v) is int and (
+                v in (0, 1) if key == "row_cache" else v >= 1 and not v & (v - 1)
+            )
+            if not ok:
+                raise ValueError(f"entry's {backend}_config has a bad {key}: {v!r}")
 
 
-# launch parameters of the Triton divergence kernels a table may set per bucket
-TRITON_CONFIG_KEYS = ("block", "num_warps", "programs_per_sm")
+# Launch parameters of the divergence kernels a table may set per bucket ("<backend>_config"):
+# powers of two, except row_cache (0 or 1). *_per_sm counts are multiplied by the GPU's SMs.
+LAUNCH_CONFIG_KEYS = {
+    "triton": ("block", "num_warps", "programs_per_sm"),
+    "cuda": ("threads", "blocks_per_sm", "row_cache"),
+}
+_PER_SM = {"programs_per_sm": "programs", "blocks_per_sm": "blocks"}
+_FORCED_CONFIGS: dict[str, dict] = {}
+
+
+@contextlib.contextmanager
+def forced_launch_config(backend: str, config: dict | None):
+    """Launch ``backend``'s divergence kernels with ``config`` (keys of LAUNCH_CONFIG_KEYS,
+    *_per_sm already resolved) inside the block, whatever a tune table says ({}: the
+    defaults). For measurements (``ssld_kernels.tune``) and tests."""
+    old = _FORCED_CONFIGS.get(backend)
+    _FORCED_CONFIGS[backend] = dict(config or {})
+    try:
+        yield
+    finally:
+        if old is None:
+            _FORCED_CONFIGS.pop(backend, None)
+        else:
+            _FORCED_CONFIGS[backend] = old
+
+
+def launch_config(backend: str, s: torch.Tensor, t: torch.Tensor, mode: str) -> dict | None:
+    """The launch config of ``backend``'s divergence kernels for logits ``s``, ``t``: forced,
+    else the tune table's for this GPU and bucket, else None (the kernels' defaults)."""
+    forced = _FORCED_CONFIGS.get(backend)
+    if forced is not None:
+        return forced
+    if not s.is_cuda:
+        return None
+    return tuned_config(backend, s.device.index, mode, _tune_dtype((s.dtype, t.dtype)), s.shape[-1])
 
 
 def parse_tune_table(data, device_name: str, versions: dict) -> tuple[dict | None, str]:
@@ -314,31 +353,34 @@ def lookup_tune(table: dict | None, op: str, mode: str, dtype: str, n_cols: int)
     return tuple(ranked) if ranked else (e["backend"],)
 
 
-def lookup_triton_config(
-    table: dict | None, mode: str, dtype: str, n_cols: int
+def lookup_launch_config(
+    table: dict | None, backend: str, mode: str, dtype: str, n_cols: int
 ) -> dict[str, int] | None:
-    """The measured-best Triton launch config of the divergence bucket, or None."""
+    """The measured-best launch config of ``backend`` in the divergence bucket, or None."""
     e = _tune_entry(table, "divergence", mode, dtype, n_cols)
-    return None if e is None else e.get("triton_config")
+    return None if e is None else e.get(f"{backend}_config")
+
+
+def resolve_per_sm(config: dict | None, sm_count: int) -> dict | None:
+    """``config`` with its *_per_sm counts multiplied out for a GPU with ``sm_count`` SMs."""
+    if not config:
+        return config
+    return {_PER_SM.get(k, k): v * sm_count if k in _PER_SM else v for k, v in config.items()}
 
 
 @functools.cache
-def tuned_triton_config(
-    index: int, mode: str, dtype: torch.dtype, n_cols: int
+def tuned_config(
+    backend: str, index: int, mode: str, dtype: torch.dtype, n_cols: int
 ) -> dict[str, int] | None:
-    """Triton launch config for CUDA device ``index`` from its tune table (None: defaults),
-    with ``programs_per_sm`` turned into ``programs`` for this device. Cached."""
+    """``backend``'s launch config on CUDA device ``index`` from its tune table (None: the
+    defaults), *_per_sm counts resolved for this device. Cached."""
     device_name = _device_name(index)
     if device_name is None:
         return None
-    cfg = lookup_triton_config(tune_table(device_name), mode, dtype_name(dtype), n_cols)
+    cfg = lookup_launch_config(tune_table(device_name), backend, mode, dtype_name(dtype), n_cols)
     if not cfg:
         return None
-    cfg = dict(cfg)
-    per_sm = cfg.pop("programs_per_sm", None)
-    if per_sm is not None:
-        cfg["programs"] = per_sm * torch.cuda.get_device_properties(index).multi_processor_count
-    return cfg
+    return resolve_per_sm(cfg, torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _device_name(index: int | None) -> str | None:
@@ -379,7 +421,7 @@ def clear_tune_cache() -> None:
     """Forget loaded tune tables and cached resolutions (after writing a new table)."""
     _tune_table_for.cache_clear()
     _resolve.cache_clear()
-    tuned_triton_config.cache_clear()
+    tuned_config.cache_clear()
 
 
 def _tune_dtype(dtypes: tuple) -> torch.dtype:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ssld_kernels import reference
-from ssld_kernels._backends import backend_status, ext, resolve_backend
+from ssld_kernels._backends import backend_status, ext, launch_config, resolve_backend
 from ssld_kernels.reference import DivSpec, make_spec
 
 __all__ = [
@@ -49,7 +49,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 
 
-def _ext_params(s, t, weight, mask, spec: DivSpec, grad_rows):
+def _ext_params(s, t, weight, mask, spec: DivSpec, grad_rows, mode="fwdbwd"):
     p = ext().DivParams()
     p.s, p.s_dtype, p.s_stride = s.data_ptr(), _DTYPE_CODES[s.dtype], s.stride(0)
     p.t, p.t_dtype, p.t_stride = t.data_ptr(), _DTYPE_CODES[t.dtype], t.stride(0)
@@ -66,6 +66,11 @@ def _ext_params(s, t, weight, mask, spec: DivSpec, grad_rows):
     if s.is_cuda:
         p.device = s.device.index
         p.stream = torch.cuda.current_stream(s.device).cuda_stream
+        cfg = launch_config("cuda", s, t, mode)  # the tune table's for this bucket, if any
+        if cfg:
+            p.cuda_threads = cfg.get("threads", 0)
+            p.cuda_blocks = cfg.get("blocks", 0)
+            p.cuda_row_cache = cfg.get("row_cache", 0)
     else:
         p.num_threads = torch.get_num_threads()
     return p
@@ -78,7 +83,8 @@ def _ext_forward(s, t, weight, mask, spec, grad_rows, need_grad_s, need_grad_t):
     stats = s.new_empty((n, STATS_WIDTH), dtype=acc)
     grad_s = torch.empty((n, c), dtype=s.dtype, device=s.device) if need_grad_s else None
     grad_t = torch.empty((n, c), dtype=t.dtype, device=t.device) if need_grad_t else None
-    p = _ext_params(s, t, weight, mask, spec, grad_rows)
+    mode = "fused" if need_grad_s or need_grad_t else "fwdbwd"
+    p = _ext_params(s, t, weight, mask, spec, grad_rows, mode)
     p.row_loss, p.stats = row_loss.data_ptr(), stats.data_ptr()
     if grad_s is not None:
         p.grad_s, p.grad_s_stride = grad_s.data_ptr(), c

@@ -11,10 +11,13 @@ For each dtype, class count C and row count it times, per backend, two modes wit
   fwdbwd  ``softmax_divergence`` + ``loss.backward()`` (the autograd path)
   fused   ``softmax_divergence_and_grad`` (loss and gradient from one kernel)
 
-The Triton backend is also timed with each launch config of ``TRITON_CONFIGS`` (chunk
-size, warps, programs per SM; ``--no-triton-configs`` skips them): the fastest stands for
-"triton" in the entry, and is stored as the entry's ``triton_config``, which the Triton
-launcher then uses for that bucket (default launch when absent).
+Each backend is also timed with the launch configs of ``LAUNCH_CONFIGS`` (Triton: chunk
+size, warps, programs per SM; CUDA: shared-memory row cache, threads, blocks per SM;
+``--no-launch-configs`` skips them). A config is timed only after its loss and gradients
+matched the backend's default launch on this GPU (``check_variant``; a mismatch is recorded
+as an error). The fastest config stands for its backend in the entry and is stored as the
+entry's ``<backend>_config``, which the launcher then uses for that bucket (default launch
+when absent).
 
 Buckets: the measured class counts c_1 < ... < c_k split the C axis at the geometric
 midpoints ceil(sqrt(c_i * c_i+1)); the entry of c_i covers c_lo <= C < c_hi, the first from
@@ -138,16 +141,19 @@ def build_entries(results: list[dict], classes: list[int], rows: list[int]) -> l
                     continue
                 entry = {"op": "divergence", "mode": mode, "dtype": dtype, "c_lo": c_lo,
                          "c_hi": c_hi, "c": c}  # fmt: skip
-                variants = {k: v for k, v in ms.items() if "@" in k}
-                if variants:  # Triton launch configs: the fastest stands for triton
+                for backend in _backends.LAUNCH_CONFIG_KEYS:
+                    # launch configs: the fastest stands for the backend and is stored
+                    variants = {k: v for k, v in ms.items() if k.startswith(backend + "@")}
+                    if not variants:
+                        continue
                     best = min(variants, key=variants.get)
-                    if "triton" not in ms or variants[best] < ms["triton"]:
-                        ms["triton"] = variants[best]
-                        entry["triton_config"] = json.loads(best.split("@", 1)[1])
-                    entry["triton_configs_ms"] = dict(
+                    if backend not in ms or variants[best] < ms[backend]:
+                        ms[backend] = variants[best]
+                        entry[f"{backend}_config"] = json.loads(best.split("@", 1)[1])
+                    entry[f"{backend}_configs_ms"] = dict(
                         sorted(variants.items(), key=lambda kv: kv[1])
                     )
-                    ms = {k: v for k, v in ms.items() if "@" not in k}
+                ms = {k: v for k, v in ms.items() if "@" not in k}
                 entry.update(backend=min(ms, key=ms.get), ms=ms, ms_by_rows=by_rows)
                 entries.append(entry)
     return entries
@@ -158,26 +164,31 @@ def _variant_name(backend: str, config: dict | None) -> str:
     return backend if not config else f"{backend}@{json.dumps(config, sort_keys=True)}"
 
 
-# Triton launch configs measured besides the defaults (one program per row, chunks of up to
-# 4096 classes over 8 warps): bigger chunks (whole rows up to 8192 classes in registers) and
-# programs looping over rows, 1-4 per SM, which bounds the rows in flight and so the L2
-# footprint of the passes that re-read a row.
-TRITON_CONFIGS = (
-    {"block": 8192, "num_warps": 16},
-    {"block": 8192, "num_warps": 16, "programs_per_sm": 1},
-    {"block": 4096, "num_warps": 8, "programs_per_sm": 2},
-    {"block": 2048, "num_warps": 4, "programs_per_sm": 4},
-)
+# Launch configs measured besides each backend's defaults (keys: _backends.LAUNCH_CONFIG_KEYS).
+# Triton (default: one program per row, chunks of up to 4096 classes over 8 warps): bigger
+# chunks (rows up to 8192 classes whole in registers; 16 warps keep 16 values per thread,
+# no spills per bench/triton_sass.py) and programs looping over rows, 1-4 per SM, which bounds
+# the rows in flight and so the L2 footprint of the passes that re-read a row.
+# CUDA (default: one block per row, 256/512/1024 threads by C, no row cache): the row cached
+# in shared memory (one global read of each logit where it fits), and fewer, larger blocks.
+LAUNCH_CONFIGS = {
+    "triton": (
+        {"block": 8192, "num_warps": 16},
+        {"block": 8192, "num_warps": 16, "programs_per_sm": 1},
+        {"block": 4096, "num_warps": 8, "programs_per_sm": 2},
+        {"block": 2048, "num_warps": 4, "programs_per_sm": 4},
+    ),
+    "cuda": (
+        {"row_cache": 1},
+        {"row_cache": 1, "threads": 1024},
+        {"threads": 1024, "blocks_per_sm": 1},
+        {"threads": 512, "blocks_per_sm": 2},
+    ),
+}
 
 
-def _resolved(config: dict | None) -> dict | None:
-    """``config`` with programs_per_sm turned into programs for the current GPU."""
-    if not config or "programs_per_sm" not in config:
-        return config
-    out = dict(config)
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    out["programs"] = out.pop("programs_per_sm") * sms
-    return out
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
 def make_table(
@@ -246,12 +257,42 @@ def time_case(backend, mode, dtype, n, c, kind="jsd", warmup=25.0, rep=100.0) ->
 
 
 def _forced(backend: str, config: dict | None):
-    """Context in which the Triton kernels launch with ``config`` (a no-op otherwise)."""
-    if backend != "triton":
+    """Context in which ``backend`` launches with ``config`` ({} / None: its defaults)."""
+    if backend not in _backends.LAUNCH_CONFIG_KEYS:
         return contextlib.nullcontext()
-    from ssld_kernels.triton.divergence import forced_config
+    return _backends.forced_launch_config(backend, _backends.resolve_per_sm(config, _sm_count()))
 
-    return forced_config(_resolved(config) or {})
+
+def check_variant(backend, config, dtype, n, c, kind="jsd") -> None:
+    """Raise unless ``backend`` with launch ``config`` gives the loss and gradient of its
+    default launch (the one the test suite checks): a variant is only ever timed, and so
+    only ever chosen, once its results are right on this GPU."""
+    from ssld_kernels.divergence import softmax_divergence, softmax_divergence_and_grad
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    s = torch.randn(n, c, device="cuda", generator=gen).mul_(3).to(dtype)
+    t = torch.randn(n, c, device="cuda", generator=gen).mul_(3).to(dtype)
+    with _forced(backend, {}):
+        want = softmax_divergence_and_grad(s, t, kind=kind, backend=backend)
+    with _forced(backend, config):
+        got = softmax_divergence_and_grad(s, t, kind=kind, backend=backend)
+        s.requires_grad_(True)
+        loss = softmax_divergence(s, t, kind=kind, backend=backend)
+        (grad,) = torch.autograd.grad(loss, s)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, a in (("fused loss", got[0]), ("loss", loss.detach())):
+        torch.testing.assert_close(
+            a, want[0], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}"
+        )
+    atol = rtol * float(want[1].float().abs().max())
+    for name, g in (("fused gradient", got[1]), ("autograd gradient", grad)):
+        torch.testing.assert_close(
+            g.float(),
+            want[1].float(),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 def run(args) -> tuple[dict, Path]:
@@ -277,8 +318,8 @@ def run(args) -> tuple[dict, Path]:
         raise SystemExit(f"{_backends.TUNE_ENV_VAR} disables tables; pass --out FILE")
     print(f"tuning on {device_name}: {', '.join(backends)} -> {path}", flush=True)
     variants = [(b, None) for b in backends]
-    if "triton" in backends and not args.no_triton_configs:
-        variants += [("triton", cfg) for cfg in TRITON_CONFIGS]
+    if not args.no_launch_configs:
+        variants += [(b, cfg) for b in backends for cfg in LAUNCH_CONFIGS.get(b, ())]
     results = []
     for dtype in args.dtypes:
         dname = _backends.dtype_name(dtype)
@@ -290,6 +331,8 @@ def run(args) -> tuple[dict, Path]:
                         if config:
                             case["config"] = config
                         try:
+                            if config:
+                                check_variant(b, config, dtype, n, c, args.kind)
                             with _forced(b, config):
                                 case.update(time_case(
                                     b, mode, dtype, n, c, args.kind, args.warmup, args.rep
@@ -311,7 +354,7 @@ def run(args) -> tuple[dict, Path]:
         "classes": args.classes,
         "warmup_ms": args.warmup,
         "rep_ms": args.rep,
-        "triton_configs": [] if args.no_triton_configs else list(TRITON_CONFIGS),
+        "launch_configs": {} if args.no_launch_configs else LAUNCH_CONFIGS,
         "bucketing": "geometric midpoints of the measured class counts",
         "ms": "geometric mean over rows of do_bench medians",
     }
@@ -380,9 +423,9 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=25.0, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=float, default=100.0, help="do_bench measuring time, ms")
     ap.add_argument(
-        "--no-triton-configs",
+        "--no-launch-configs",
         action="store_true",
-        help="time only the default Triton launch (not the TRITON_CONFIGS variants)",
+        help="time only each backend's default launch (not the LAUNCH_CONFIGS variants)",
     )
     ap.add_argument("--show", action="store_true", help="print the table and exit")
     args = ap.parse_args(argv)

@@ -199,32 +199,66 @@ def test_build_entries_triton_configs():
     assert list(large["triton_configs_ms"].values()) == pytest.approx([0.8, 0.9])
     table = tune.make_table(FAKE_GPU, entries, {"kind": "jsd"})
     assert _backends.parse_tune_table(table, FAKE_GPU, _backends.tune_versions()) == (table, "")
-    look = _backends.lookup_triton_config
-    assert look(table, "fused", "float32", 40000) == loop
-    assert look(table, "fused", "float32", 999) is None
-    assert look(table, "fwdbwd", "float32", 40000) is None
+    look = _backends.lookup_launch_config
+    assert look(table, "triton", "fused", "float32", 40000) == loop
+    assert look(table, "triton", "fused", "float32", 999) is None
+    assert look(table, "triton", "fwdbwd", "float32", 40000) is None
+    assert look(table, "cuda", "fused", "float32", 40000) is None
 
 
 @pytest.mark.parametrize(
-    "config", [{"block": 3000}, {"warps": 8}, {"num_warps": 0}, [8192], {"block": "8192"}]
+    "key,config",
+    [
+        ("triton", {"block": 3000}),
+        ("triton", {"warps": 8}),
+        ("triton", {"num_warps": 0}),
+        ("triton", [8192]),
+        ("triton", {"block": "8192"}),
+        ("cuda", {"row_cache": 2}),
+        ("cuda", {"threads": 100}),
+        ("cuda", {"block": 1024}),
+    ],
 )
-def test_bad_triton_config_rejects_table(config):
-    e = dict(ENTRIES[0], triton_config=config)
+def test_bad_launch_config_rejects_table(key, config):
+    e = dict(ENTRIES[0], **{f"{key}_config": config})
     table, why = _backends.parse_tune_table(_table([e]), FAKE_GPU, _backends.tune_versions())
-    assert table is None and "triton_config" in why
+    assert table is None and f"{key}_config" in why
 
 
-def test_tuned_triton_config_resolves_programs(fake_gpu, monkeypatch):
-    e = dict(ENTRIES[5], triton_config={"block": 2048, "programs_per_sm": 4})
+def test_tuned_config_resolves_per_sm_counts(fake_gpu, monkeypatch):
+    e = dict(
+        ENTRIES[5],
+        triton_config={"block": 2048, "programs_per_sm": 4},
+        cuda_config={"threads": 1024, "blocks_per_sm": 1, "row_cache": 1},
+    )
     tune.write_table(fake_gpu, _table([*ENTRIES[:5], e]))
 
     class Props:
         multi_processor_count = 132
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
-    cfg = _backends.tuned_triton_config(0, "fused", FP32, 1000)
-    assert cfg == {"block": 2048, "programs": 528}
-    assert _backends.tuned_triton_config(0, "fwdbwd", FP32, 1000) is None
+    assert _backends.tuned_config("triton", 0, "fused", FP32, 1000) == {
+        "block": 2048,
+        "programs": 528,
+    }
+    assert _backends.tuned_config("cuda", 0, "fused", FP32, 1000) == {
+        "threads": 1024,
+        "blocks": 132,
+        "row_cache": 1,
+    }
+    assert _backends.tuned_config("triton", 0, "fwdbwd", FP32, 1000) is None
+
+
+def test_forced_launch_config_nests():
+    s = torch.zeros(2, 8)
+    assert _backends.launch_config("triton", s, s, "fused") is None  # CPU tensors: no table
+    with _backends.forced_launch_config("triton", {"block": 16}):
+        assert _backends.launch_config("triton", s, s, "fused") == {"block": 16}
+        with _backends.forced_launch_config("triton", None):
+            assert _backends.launch_config("triton", s, s, "fused") == {}
+        assert _backends.launch_config("triton", s, s, "fused") == {"block": 16}
+        assert _backends.launch_config("cuda", s, s, "fused") is None
+    assert _backends.launch_config("triton", s, s, "fused") is None
 
 
 def test_write_table_atomic(tmp_path):

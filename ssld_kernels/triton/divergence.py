@@ -473,32 +473,10 @@ def _launch_config(n_rows: int, n_cols: int, config: dict | None) -> tuple[int, 
     return block, num_warps, programs
 
 
-_FORCED_CONFIG: list = [None]
-
-
-@contextlib.contextmanager
-def forced_config(config: dict | None):
-    """Launch the divergence kernels with ``config`` (keys of :func:`_launch_config`) inside
-    the block, whatever the tune table says; for measurements (``ssld_kernels.tune``)."""
-    old = _FORCED_CONFIG[0]
-    _FORCED_CONFIG[0] = config
-    try:
-        yield
-    finally:
-        _FORCED_CONFIG[0] = old
-
-
 def _config_for(s: torch.Tensor, t: torch.Tensor, mode: str) -> dict | None:
-    """The launch config: forced, else the tune table's for this GPU and bucket, else None
-    (the defaults of :func:`_launch_config`)."""
-    if _FORCED_CONFIG[0] is not None:
-        return _FORCED_CONFIG[0]
-    if not s.is_cuda:
-        return None
-    from ssld_kernels import _backends
+    from ssld_kernels._backends import launch_config
 
-    dtype = _backends._tune_dtype((s.dtype, t.dtype))
-    return _backends.tuned_triton_config(s.device.index, mode, dtype, s.shape[1])
+    return launch_config("triton", s, t, mode)
 
 
 def _device_guard(x: torch.Tensor):
