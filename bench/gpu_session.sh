@@ -4,7 +4,8 @@
 # Usage (repository root): OUT=/some/dir bash bench/gpu_session.sh [pytest args...]
 # Env: SSLD_SKIP_TESTS=1, SSLD_SKIP_BENCH=1 (no benchmark), SSLD_SKIP_DIVERGENCE=1,
 #      SSLD_SKIP_MATCH=1, SSLD_SKIP_SELECT=1, SSLD_SKIP_TRAIN=1 (these two need timm),
-#      SSLD_TUNE=1 (write the measured backend table: python -m ssld_kernels.tune), SSLD_BENCH_ARGS="--dtypes bfloat16" (divergence),
+#      SSLD_TUNE=1 (measure backends and launch configs first: python -m ssld_kernels.tune;
+#      the benchmark then runs with that table), SSLD_BENCH_ARGS="--dtypes bfloat16" (divergence),
 #      SSLD_MATCH_ARGS="--sizes 1000000x1000000 --pairs 4096" (bench_match.py),
 #      SSLD_SKIP_LOADER=1 (bench_loader.py: the DataLoader, plus DALI if installed there),
 #      SSLD_GIT_SHA (recorded in the JSON when the tree has no .git, as on a device copy)
@@ -26,6 +27,10 @@ python3 -m ssld_kernels | tee "$OUT/backends.txt"
 if [ "${SSLD_SKIP_TESTS:-0}" != "1" ]; then
   python3 -m pytest -q -m cuda tests "$@" 2>&1 | tee "$OUT/pytest_cuda.log" | tail -15
 fi
+if [ "${SSLD_TUNE:-0}" = "1" ]; then  # first, so that the benchmark's "auto" uses the table
+  SSLD_KERNELS_TUNE_FILE="$OUT/tune.json" python3 -m ssld_kernels.tune 2>&1 | tee "$OUT/tune.log" | tail -30
+  export SSLD_KERNELS_TUNE_FILE="$OUT/tune.json"
+fi
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_DIVERGENCE:-0}" != "1" ]; then
   python3 bench/bench_divergence.py --out "$OUT/divergence.json" --plot ${SSLD_BENCH_ARGS:-} \
     --providers "${SSLD_BENCH_PROVIDERS:-ssld-auto,ssld-cuda,ssld-triton,eager,compile,liger}" 2>&1 \
@@ -45,7 +50,4 @@ fi
 if [ "${SSLD_SKIP_BENCH:-0}" != "1" ] && [ "${SSLD_SKIP_LOADER:-0}" != "1" ]; then
   python3 bench/bench_loader.py --images 8192 --workers 16 --batch-size 256 \
     --out "$OUT/loader.json" 2>&1 | tee "$OUT/bench_loader.log" | tail -6
-fi
-if [ "${SSLD_TUNE:-0}" = "1" ]; then
-  SSLD_KERNELS_TUNE_FILE="$OUT/tune.json" python3 -m ssld_kernels.tune 2>&1 | tail -20
 fi

@@ -324,6 +324,7 @@ def run(args) -> tuple[dict, Path]:
     for dtype in args.dtypes:
         dname = _backends.dtype_name(dtype)
         for c in args.classes:
+            checked: set = set()
             for n in args.rows:
                 for mode in _backends.TUNE_MODES:
                     for b, config in variants:
@@ -331,8 +332,10 @@ def run(args) -> tuple[dict, Path]:
                         if config:
                             case["config"] = config
                         try:
-                            if config:
+                            key = (b, json.dumps(config, sort_keys=True), n)
+                            if config and key not in checked:  # once per shape, both modes
                                 check_variant(b, config, dtype, n, c, args.kind)
+                                checked.add(key)
                             with _forced(b, config):
                                 case.update(time_case(
                                     b, mode, dtype, n, c, args.kind, args.warmup, args.rep

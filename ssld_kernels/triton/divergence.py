@@ -74,7 +74,7 @@ def _expm1(x):
 
 
 @triton.jit
-def _log1p(y):
+def _log1p(y, SERIES_ONLY: tl.constexpr = False):
     # 2 atanh(r) = 2 (r + r^3/3 + ... + r^15/15), r = y / (2 + y)
     r = y / (2.0 + y)
     r2 = r * r
@@ -87,6 +87,8 @@ def _log1p(y):
     poly = poly * r2 + 1.0 / 3.0
     poly = poly * r2 + 1.0
     series = (2.0 * r) * poly
+    if SERIES_ONLY:  # the caller guarantees -0.5 < y < 1
+        return series
     # Outside the series range u = 1 + y is exact (y <= -0.5) or its rounding moves
     # log(u) >= log 2 by at most 2^-24 relative, so no rounding correction is needed.
     large = tl.log(1.0 + y)
@@ -102,8 +104,11 @@ def _log_ratios(logp, logq, beta, MODE: tl.constexpr):
     else:
         # log M - log p = z + max(d, 0), log M - log q = z - min(d, 0)
         d = logq - logp
-        w = tl.where(d <= 0.0, beta, 1.0 - beta)
-        z = _log1p(w * _expm1(-tl.abs(d)))
+        if MODE == 2:  # beta = 0.5: w * expm1(-|d|) lies in (-0.5, 0], the series' range
+            z = _log1p(0.5 * _expm1(-tl.abs(d)), True)
+        else:
+            w = tl.where(d <= 0.0, beta, 1.0 - beta)
+            z = _log1p(w * _expm1(-tl.abs(d)))
         ls = -(z + tl.maximum(d, 0.0))
         lt = -(z - tl.minimum(d, 0.0))
     return ls, lt
@@ -456,6 +461,12 @@ def _block_config(n_cols: int, block: int | None = None) -> tuple[int, int]:
     return block, num_warps
 
 
+def _kernel_mode(spec) -> int:
+    """The kernels' MODE: 0 KL family, 1 JSD, 2 JSD with beta = 0.5 (the paper's; cheaper
+    log ratios, see _log_ratios)."""
+    return 2 if int(spec.mode) == 1 and float(spec.beta) == 0.5 else int(spec.mode)
+
+
 def _launch_config(n_rows: int, n_cols: int, config: dict | None) -> tuple[int, int, int]:
     """(BLOCK, num_warps, programs) of a launch: ``config`` (keys ``block``, ``num_warps``,
     ``programs``; any may be missing) over the defaults of :func:`_block_config` and one
@@ -544,7 +555,7 @@ def _divergence_forward(
             float(spec.inv_temp),
             temperature * temperature,
             temperature,
-            MODE=int(spec.mode),
+            MODE=_kernel_mode(spec),
             HAS_WEIGHT=weight is not None,
             HAS_MASK=mask is not None,
             WRITE_GRAD_S=bool(need_grad_s),
@@ -594,7 +605,7 @@ def _divergence_backward(
             float(spec.coef_b),
             float(spec.inv_temp),
             temperature,
-            MODE=int(spec.mode),
+            MODE=_kernel_mode(spec),
             HAS_WEIGHT=weight is not None,
             HAS_MASK=mask is not None,
             WRITE_GRAD_S=bool(need_grad_s),

@@ -58,6 +58,7 @@ import triton.language as tl
 from ssld_kernels.triton.divergence import (
     _block_config,
     _device_guard,
+    _kernel_mode,
     _load_logits,
     _log_ratios,
     _row_scale,
@@ -468,7 +469,7 @@ def _common(s, probs, index, weight, mask, spec, uniform, sum_tol):
         float(spec.inv_temp),
     )
     meta = dict(
-        MODE=int(spec.mode),
+        MODE=_kernel_mode(spec),
         UNIFORM=bool(uniform),
         HAS_WEIGHT=weight is not None,
         HAS_MASK=mask is not None,
