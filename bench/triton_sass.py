@@ -47,6 +47,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -63,6 +64,9 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.jit import native_specialize_impl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_sha  # noqa: E402
+
 from ssld_kernels.triton import divergence as div  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -436,6 +440,8 @@ def main() -> None:
             "target": "sm_90a",
             "n_cols": args.n_cols,
             "launcher_default_block_warps": list(default),
+            "git_sha": git_sha(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "records": records}, indent=1))
