@@ -49,6 +49,7 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_utils.cuh"
 
 namespace ssld {
 void divergence_forward_cuda(const DivParams& p);
@@ -739,11 +740,7 @@ KParams make_kparams(const DivParams& p) {
   return k;
 }
 
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("ssld CUDA divergence: ") + what + ": " +
-                             cudaGetErrorString(err));
-}
+void check_cuda(cudaError_t err, const char* what) { cuda_check(err, "divergence", what); }
 
 constexpr std::int64_t kMaxGrid = 2147483647;  // grid.x limit; rows beyond loop in-kernel
 
@@ -787,13 +784,16 @@ std::size_t row_cache_bytes(const DivParams& p) {
   return bytes <= max_dynamic_smem(p.device) ? static_cast<std::size_t>(bytes) : 0;
 }
 
-// Lets `kernel` use the device's whole opt-in shared memory (once per kernel and device; the
-// attribute only permits, so concurrent launches with any smaller size stay valid).
-template <typename Kernel>
-void allow_max_smem(Kernel kernel, int device) {
+// Lets the cached forward kernel <TS, TT, VEC> use the device's whole opt-in shared memory,
+// once per instantiation and device (the once_flags live in each instantiation of this
+// function: every kernel instantiation has the same function type, so the flags cannot be
+// keyed on it). The attribute only permits, so launches with any smaller size stay valid.
+template <typename TS, typename TT, bool VEC>
+void allow_max_smem(int device) {
   static std::once_flag flags[kMaxDevices];
-  std::call_once(flags[device], [&] {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  std::call_once(flags[device], [device] {
+    check_cuda(cudaFuncSetAttribute(div_fwd_block_kernel<TS, TT, VEC, true>,
+                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     max_dynamic_smem(device)),
                "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
   });
@@ -812,9 +812,9 @@ void launch_forward(const DivParams& p, const KParams& k, cudaStream_t stream) {
     else
       div_fwd_warp_kernel<TS, TT, 4, VEC><<<grid, block, 0, stream>>>(k);
   } else if (const std::size_t smem = row_cache_bytes(p)) {
-    const auto kernel = div_fwd_block_kernel<TS, TT, VEC, true>;
-    allow_max_smem(kernel, p.device);
-    kernel<<<block_grid_for(p), block_threads_for(p), smem, stream>>>(k);
+    allow_max_smem<TS, TT, VEC>(p.device);
+    div_fwd_block_kernel<TS, TT, VEC, true>
+        <<<block_grid_for(p), block_threads_for(p), smem, stream>>>(k);
   } else {
     div_fwd_block_kernel<TS, TT, VEC, false>
         <<<block_grid_for(p), block_threads_for(p), 0, stream>>>(k);
@@ -855,7 +855,7 @@ void run(const DivParams& p, bool backward) {
         "); use float32, float16 or bfloat16");
   if (p.n_rows == 0) return;
   if (backward && p.grad_s == 0 && p.grad_t == 0) return;  // nothing to write
-  check_cuda(cudaSetDevice(p.device), "cudaSetDevice");
+  const DeviceGuard guard(p.device, "divergence");
   const KParams k = make_kparams(p);
   const bool vec = can_vectorize(p);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(p.stream);

@@ -82,6 +82,7 @@
 #include <vector>
 
 #include "common.h"
+#include "cuda_utils.cuh"
 #include "match.h"
 
 namespace ssld {
@@ -667,31 +668,7 @@ __global__ void u8_norms_kernel(const unsigned char* x, int64_t pitch, int64_t n
 // ---------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------
-void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // consume it: a later launch check must not report it again
-    throw std::runtime_error(std::string("ssld CUDA match_knn: ") + what + ": " +
-                             cudaGetErrorString(err));
-  }
-}
-
-// Makes `device` current for the call and restores the caller's device afterwards.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    check_cuda(cudaGetDevice(&prev_), "cudaGetDevice");
-    if (prev_ != device) check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    if (cudaGetDevice(&cur) == cudaSuccess && cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
+void check_cuda(cudaError_t err, const char* what) { cuda_check(err, "match_knn", what); }
 
 // Device workspace released in stream order (also when a later step throws). Devices without
 // the stream-ordered allocator (cudaMallocAsync not supported) fall back to cudaMalloc and a
@@ -839,14 +816,14 @@ KnnPlan plan_knn(const KnnParams& p, bool schedule = true) {
 std::size_t match_knn_cuda_workspace_bytes(const KnnParams& p) {
   check_knn_params_cuda(p);
   if (p.nq_total == 0) return 0;
-  DeviceGuard guard(p.device);
+  DeviceGuard guard(p.device, "match_knn");
   return plan_knn(p, /*schedule=*/false).workspace_bytes();
 }
 
 void match_knn_cuda(const KnnParams& p) {
   check_knn_params_cuda(p);
   if (p.nq_total == 0) return;
-  DeviceGuard guard(p.device);
+  DeviceGuard guard(p.device, "match_knn");
   cudaGetLastError();  // drop errors left by earlier failed calls (sticky errors resurface)
   const KnnPlan plan = plan_knn(p);
   if (plan.tiles.empty()) return;

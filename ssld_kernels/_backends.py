@@ -229,18 +229,32 @@ def _check_entry(e) -> None:
         if not isinstance(cfg, dict) or not set(cfg) <= set(keys):
             raise ValueError(f"entry has a bad {backend}_config {cfg!r}")
         for key, v in cfg.items():
-            ok = type(v) is int and (
-                v in (0, 1) if key == "row_cache" else v >= 1 and not v & (v - 1)
-            )
+            lo, hi = _CONFIG_RANGES[key]
+            ok = type(v) is int and lo <= v <= hi
+            if ok and key != "row_cache":
+                ok = not v & (v - 1)  # a power of two
             if not ok:
-                raise ValueError(f"entry's {backend}_config has a bad {key}: {v!r}")
+                raise ValueError(
+                    f"entry's {backend}_config has a bad {key}: {v!r} (expected "
+                    + ("0 or 1" if key == "row_cache" else f"a power of two in [{lo}, {hi}]")
+                    + ")"
+                )
 
 
-# Launch parameters of the divergence kernels a table may set per bucket ("<backend>_config"):
-# powers of two, except row_cache (0 or 1). *_per_sm counts are multiplied by the GPU's SMs.
+# Launch parameters of the divergence kernels a table may set per bucket ("<backend>_config"),
+# with the ranges the launchers accept: powers of two, except row_cache (0 or 1).
+# *_per_sm counts are multiplied by the GPU's SMs.
 LAUNCH_CONFIG_KEYS = {
     "triton": ("block", "num_warps", "programs_per_sm"),
     "cuda": ("threads", "blocks_per_sm", "row_cache"),
+}
+_CONFIG_RANGES = {
+    "block": (16, 1 << 20),
+    "num_warps": (1, 32),
+    "programs_per_sm": (1, 64),
+    "threads": (64, 1024),
+    "blocks_per_sm": (1, 64),
+    "row_cache": (0, 1),
 }
 _PER_SM = {"programs_per_sm": "programs", "blocks_per_sm": "blocks"}
 _FORCED_CONFIGS: dict[str, dict] = {}

@@ -320,8 +320,32 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------------------------
 
 
-def _eager() -> bool:
-    return not torch.compiler.is_compiling()
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _eager(*tensors) -> bool:
+    """True when the kernels may run directly: plain tensors and nothing tracing them. Under
+    torch.compile / export, make_fx (a proxy mode), FakeTensorMode or with tensor subclasses
+    the custom ops run instead, which tracers see and which have fake implementations."""
+    if torch.compiler.is_compiling():
+        return False
+    if any(type(x) not in _PLAIN for x in tensors if x is not None):
+        return False
+    return not _tracing_mode_active()
+
+
+def _tracing_mode_active() -> bool:
+    if not torch._C._len_torch_dispatch_stack():
+        return False  # the common case: no dispatch mode at all
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+        from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    except ImportError:  # another torch layout: any dispatch mode counts as tracing
+        return True
+    if get_proxy_mode() is not None:
+        return True
+    return any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack())
 
 
 def _scaled(spec: DivSpec, factor: float) -> DivSpec:
@@ -409,8 +433,14 @@ def _unit(dtype: torch.dtype, device: torch.device) -> Tensor:
     u = _UNITS.get(key)
     if u is None:
         u = torch.ones(1, dtype=dtype, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _UNITS[key] = u  # one made inside a capture belongs to the graph's pool
+        if type(u) is not Tensor:  # made under some mode: use it, never cache it
+            return u
+        if device.type == "cuda":
+            if torch.cuda.is_current_stream_capturing():
+                return u  # one made inside a capture belongs to the graph's pool
+            # once per device and dtype: later calls on other streams read it unordered
+            torch.cuda.current_stream(device).synchronize()
+        _UNITS[key] = u
     return u
 
 
@@ -646,7 +676,7 @@ def softmax_divergence_and_grad(
 def _kernel_loss(s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead) -> Tensor:
     """The reduced loss through the kernels: the eager Function, or the custom op (what
     torch.compile traces) plus the reduction."""
-    if _eager():
+    if _eager(s, t, index, w, m):
         return _DivergenceFunction.apply(
             s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead
         )
@@ -657,7 +687,7 @@ def _kernel_loss(s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lea
 def _kernel_loss_and_grad(s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead,
                           need_grad_t):  # fmt: skip
     """(loss, grad_s, grad_t or None) from one fused launch (custom op under torch.compile)."""
-    if not _eager():
+    if not _eager(s, t, index, w, m):
         grad_rows = _grad_rows(s.shape[0], m, reduction, _acc(s.dtype), s.device)
         rows, gs, gt = _divergence_fwd_grad(
             s, t, index, w, m, grad_rows, *spec, uniform, sum_tol, need_grad_t, name

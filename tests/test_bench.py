@@ -46,6 +46,10 @@ def test_target_verdicts():
     rows[0]["gbps"] = 2700.0
     out = bench_divergence.check_targets(rows, {"peak_copy_gbps": 3000.0})
     assert next(c for c in out["cases"] if c["mode"] == "fwdbwd")["met"]
+    # an unmeasured target (no Liger run) is never "met"
+    out = bench_divergence.check_targets(rows[:3] + rows[4:], {"peak_copy_gbps": 3000.0})
+    fb = next(c for c in out["cases"] if c["mode"] == "fwdbwd")
+    assert fb["unmeasured"] == ["x_liger"] and not fb["met"]
 
 
 def test_bench_divergence_cpu_smoke(tmp_path):

@@ -214,8 +214,11 @@ def test_build_entries_triton_configs():
         ("triton", {"num_warps": 0}),
         ("triton", [8192]),
         ("triton", {"block": "8192"}),
+        ("triton", {"num_warps": 64}),
         ("cuda", {"row_cache": 2}),
         ("cuda", {"threads": 100}),
+        ("cuda", {"threads": 32}),
+        ("cuda", {"threads": 2048}),
         ("cuda", {"block": 1024}),
     ],
 )
