@@ -149,6 +149,19 @@ def _row_scale(
 
 
 @triton.jit
+def _store_row_loss(
+    loss_ptr, weight_ptr, row, keep, a, b, coef_a, coef_b, loss_scale, HAS_WEIGHT: tl.constexpr
+):
+    """row_loss[row] = loss_scale * (coef_a A + coef_b B) * weight[row], 0 for masked rows."""
+    loss_a = tl.where(coef_a == 0.0, 0.0, coef_a * a)  # 0 * inf stays 0
+    loss_b = tl.where(coef_b == 0.0, 0.0, coef_b * b)
+    loss = loss_scale * (loss_a + loss_b)
+    if HAS_WEIGHT:
+        loss = loss * tl.load(weight_ptr + row).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+
+
+@triton.jit
 def _grad_pass(
     s_row,
     t_row,
@@ -356,12 +369,9 @@ def _divergence_fwd_kernel(
                     BLOCK,
                 )
 
-        loss_a = tl.where(coef_a == 0.0, 0.0, coef_a * a)  # 0 * inf stays 0
-        loss_b = tl.where(coef_b == 0.0, 0.0, coef_b * b)
-        loss = loss_scale * (loss_a + loss_b)
-        if HAS_WEIGHT:
-            loss = loss * tl.load(weight_ptr + row).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+        _store_row_loss(
+            loss_ptr, weight_ptr, row, keep, a, b, coef_a, coef_b, loss_scale, HAS_WEIGHT
+        )
         stats_row = stats_ptr + row * STATS_WIDTH
         tl.store(stats_row + 0, m_s)
         tl.store(stats_row + 1, log_d_s)

@@ -62,6 +62,7 @@ from ssld_kernels.triton.divergence import (
     _load_logits,
     _log_ratios,
     _row_scale,
+    _store_row_loss,
 )
 
 __all__ = ["sparse_divergence_forward", "sparse_divergence_backward"]
@@ -320,12 +321,7 @@ def _sparse_fwd_kernel(
     a = tl.where(tl.sum(inf_a, axis=0) + tl.sum(tinf_a, axis=0) > 0.5, float("inf"), a)
     b = tl.where(tl.sum(inf_b, axis=0) + tl.sum(tinf_b, axis=0) > 0.5, float("inf"), b)
 
-    loss_a = tl.where(coef_a == 0.0, 0.0, coef_a * a)  # 0 * inf stays 0
-    loss_b = tl.where(coef_b == 0.0, 0.0, coef_b * b)
-    loss = loss_scale * (loss_a + loss_b)
-    if HAS_WEIGHT:
-        loss = loss * tl.load(weight_ptr + row).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(keep, loss, 0.0))
+    _store_row_loss(loss_ptr, weight_ptr, row, keep, a, b, coef_a, coef_b, loss_scale, HAS_WEIGHT)
     stats_row = stats_ptr + row * STATS_WIDTH
     tl.store(stats_row + 0, m_s)
     tl.store(stats_row + 1, log_d_s)
