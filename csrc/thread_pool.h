@@ -8,8 +8,9 @@
 // (nested) run serially; concurrent calls from several threads are serialised.
 //
 // We do not use OpenMP: PyTorch ships its own libgomp and two OpenMP runtimes in one process
-// conflict. Workers spin briefly after each job (kernels are often called back to back:
-// forward, then backward) and then sleep on a condition variable.
+// conflict. Workers spin briefly after each job (kernels called back to back, as matching
+// does, then skip the wake-up) unless the job says not to, and then sleep on a condition
+// variable.
 //
 // The singleton is created on first use and intentionally never destroyed (destroying
 // threads during interpreter shutdown is a classic source of hangs); a forked child (e.g. a
@@ -62,8 +63,10 @@ class ThreadPool {
 
   pid_t pid() const { return pid_; }
 
-  // Runs fn(ctx, begin, end) over min(n, num_threads) contiguous chunks of [0, n).
-  void run(std::int64_t n, int num_threads, ChunkFn fn, void* ctx) {
+  // Runs fn(ctx, begin, end) over min(n, num_threads) contiguous chunks of [0, n). With
+  // spin_after false the workers sleep as soon as the job is done instead of spinning first
+  // (for jobs that PyTorch ops usually follow: spinning workers would hold cores they need).
+  void run(std::int64_t n, int num_threads, ChunkFn fn, void* ctx, bool spin_after = true) {
     if (n <= 0) return;
     const std::int64_t chunks64 = std::min<std::int64_t>(
         n, std::min<std::int64_t>(std::max(num_threads, 1), kMaxThreads));
@@ -82,6 +85,7 @@ class ThreadPool {
       n_ = n;
       nchunks_ = chunks;
       error_ = nullptr;
+      spin_after_.store(spin_after, std::memory_order_relaxed);
       pending_.store(chunks, std::memory_order_relaxed);
       active_workers_.store(chunks - 1, std::memory_order_relaxed);
       gen = generation_.load(std::memory_order_relaxed) + 1;
@@ -168,7 +172,8 @@ class ThreadPool {
   void worker_loop(int idx, std::uint64_t seen) {
     for (;;) {
       std::uint64_t gen = seen;
-      for (int i = 0; i < kSpinIters; ++i) {
+      const int spin = spin_after_.load(std::memory_order_relaxed) ? kSpinIters : 0;
+      for (int i = 0; i < spin; ++i) {
         gen = generation_.load(std::memory_order_acquire);
         if (gen != seen) break;
         cpu_relax();
@@ -194,6 +199,7 @@ class ThreadPool {
   std::atomic<std::uint64_t> claim_{0};
   std::atomic<int> pending_{0};
   std::atomic<int> active_workers_{0};
+  std::atomic<bool> spin_after_{true};  // the last job's choice (see run)
   ChunkFn fn_ = nullptr;
   void* ctx_ = nullptr;
   std::int64_t n_ = 0;
@@ -218,9 +224,10 @@ inline ThreadPool& global_thread_pool() {
 
 }  // namespace detail
 
-// Runs fn(begin, end) over min(n, num_threads) contiguous chunks of [0, n) in parallel.
+// Runs fn(begin, end) over min(n, num_threads) contiguous chunks of [0, n) in parallel;
+// spin_after: see ThreadPool::run.
 template <class F>
-inline void parallel_for(std::int64_t n, int num_threads, F&& fn) {
+inline void parallel_for(std::int64_t n, int num_threads, F&& fn, bool spin_after = true) {
   using Fn = std::remove_reference_t<F>;
   if (n <= 0) return;
   if (num_threads <= 1 || n == 1 || detail::in_parallel_region()) {
@@ -230,7 +237,7 @@ inline void parallel_for(std::int64_t n, int num_threads, F&& fn) {
   detail::global_thread_pool().run(
       n, num_threads,
       [](void* ctx, std::int64_t begin, std::int64_t end) { (*static_cast<Fn*>(ctx))(begin, end); },
-      const_cast<void*>(static_cast<const void*>(&fn)));
+      const_cast<void*>(static_cast<const void*>(&fn)), spin_after);
 }
 
 }  // namespace ssld

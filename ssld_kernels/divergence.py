@@ -363,16 +363,40 @@ def _mean_factor(n: int, mask: Tensor | None, reduction: str) -> float:
 
 
 class _DivergenceFunction(torch.autograd.Function):
-    """Eager loss of :func:`softmax_divergence` with its reduction; backward: one launch."""
+    """Eager loss of :func:`softmax_divergence` with its reduction.
+
+    Where the backend's fused kernel reads each row once (:func:`_grad_in_forward`), a forward
+    that will need gradients runs it and keeps the gradient of the loss for an incoming
+    gradient of 1; the backward then scales it in place, one pass over the gradient instead
+    of a second pass over both logits that recomputes every softmax term (a second backward
+    through a retained graph runs the same fused kernel again, so it gives the same bits).
+    Elsewhere the backward is one kernel launch from the saved row statistics."""
 
     @staticmethod
-    def forward(ctx, s, t, index, weight, mask, spec, uniform, sum_tol, backend, reduction, lead):
-        row_loss, stats, _, _ = _launch_forward(
-            s, t, index, weight, mask, spec, uniform, sum_tol, backend, None, False
-        )
+    def forward(
+        ctx, s, t, index, weight, mask, spec, uniform, sum_tol, backend, reduction, lead, grad_on
+    ):
         n = s.shape[0]
+        need_s = ctx.needs_input_grad[0]
+        need_t = ctx.needs_input_grad[1] and index is None
+        ctx.grads = ctx.fused = None
+        presummed = False
+        # grad_on: grad mode was on at the call (inside forward it is always off)
+        if grad_on and (need_s or need_t) and _grad_in_forward(backend, s, t, index):
+            grad_rows, gspec, presummed = _eager_grad_rows(s, mask, reduction, spec)
+            row_loss, stats, gs, gt = _launch_forward(
+                s, t, index, weight, mask, gspec, uniform, sum_tol, backend, grad_rows, need_t
+            )
+            ctx.grads = (gs if need_s else None, gt if need_t else None)
+            ctx.fused = (gspec, grad_rows)  # to redo it for a second backward
+        else:
+            row_loss, stats, _, _ = _launch_forward(
+                s, t, index, weight, mask, spec, uniform, sum_tol, backend, None, False
+            )
         count = None
-        if reduction in ("mean", "batchmean") and mask is not None and n > 0:
+        if presummed:  # the rows carry the mean's 1/n: their sum is the loss
+            loss = row_loss.sum()
+        elif reduction in ("mean", "batchmean") and mask is not None and n > 0:
             count = reference.row_count(n, mask, row_loss.dtype, row_loss.device)
             loss = row_loss.sum() / count
         else:
@@ -388,24 +412,63 @@ class _DivergenceFunction(torch.autograd.Function):
         s, t, index, weight, mask, stats, count = ctx.saved_tensors
         need_s = ctx.needs_input_grad[0]
         need_t = ctx.needs_input_grad[1] and index is None
-        rest = (None,) * 9
+        rest = (None,) * 10
         if not (need_s or need_t):
             return (None, None) + rest
         n = s.shape[0]
-        if ctx.rows_grad:
-            grad_rows = grad.reshape(n)
+        if ctx.fused is not None:  # gradients from the forward: scale them in place, once
+            if ctx.grads is not None:
+                gs, gt = ctx.grads
+                ctx.grads = None
+            else:  # a second backward through a retained graph: the same kernel again
+                gspec, grad_rows = ctx.fused
+                _, _, gs, gt = _launch_forward(
+                    s, t, index, weight, mask, gspec, ctx.uniform, ctx.sum_tol, ctx.backend,
+                    grad_rows, need_t,
+                )  # fmt: skip
+                gs, gt = gs if need_s else None, gt if need_t else None
+            factor = grad.reshape(n, 1) if ctx.rows_grad else grad
+            gs = gs.mul_(factor) if gs is not None else None
+            gt = gt.mul_(factor) if gt is not None else None
         else:
-            if count is not None:
-                grad = grad / count
-            grad_rows = grad.reshape(1).expand(n)
-        gs, gt = _launch_backward(
-            s, t, index, weight, mask, stats, grad_rows.to(stats.dtype), ctx.spec, ctx.uniform,
-            ctx.sum_tol, ctx.backend, need_s, need_t,
-        )  # fmt: skip
-        gs, gt = gs if need_s else None, gt if need_t else None
+            if ctx.rows_grad:
+                grad_rows = grad.reshape(n)
+            else:
+                if count is not None:
+                    grad = grad / count
+                grad_rows = grad.reshape(1).expand(n)
+            gs, gt = _launch_backward(
+                s, t, index, weight, mask, stats, grad_rows.to(stats.dtype), ctx.spec,
+                ctx.uniform, ctx.sum_tol, ctx.backend, need_s, need_t,
+            )  # fmt: skip
+            gs, gt = gs if need_s else None, gt if need_t else None
         if torch.is_grad_enabled():  # create_graph=True: differentiating these must raise
             gs, gt = _NotTwice.apply(s if need_s else t, gs, gt)
         return (gs, gt) + rest
+
+
+def _grad_in_forward(backend: str, s: Tensor, t: Tensor, index: Tensor | None) -> bool:
+    """Whether the fused kernel of ``backend`` reads each row of (s, t) once, so that
+    computing the gradient in the forward costs one extra pass over the gradient (its scale
+    in the backward) and saves the backward's second read of both logits and recomputation
+    of every softmax term. cpu: rows are processed cache-resident; triton: the row fits one
+    chunk; cuda: a warp holds the row in registers (C <= 1024) or the tune table enabled the
+    shared-memory row cache for this shape. The sparse-teacher kernel keeps the two-pass
+    backward."""
+    if index is not None:
+        return False
+    c = s.shape[1]
+    if backend == "cpu":
+        return True
+    if backend == "triton":
+        from ssld_kernels.triton.divergence import _launch_config
+
+        block = _launch_config(s.shape[0], c, launch_config("triton", s, t, "fwdbwd"))[0]
+        return c <= block
+    if backend == "cuda":
+        cfg = launch_config("cuda", s, t, "fwdbwd") or {}
+        return c <= 1024 or cfg.get("row_cache") == 1
+    return False
 
 
 class _NotTwice(torch.autograd.Function):
@@ -678,8 +741,9 @@ def _kernel_loss(s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lea
     torch.compile traces) plus the reduction."""
     if _eager(s, t, index, w, m):
         return _DivergenceFunction.apply(
-            s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead
-        )
+            s, t, index, w, m, spec, uniform, sum_tol, name, reduction, lead,
+            torch.is_grad_enabled(),
+        )  # fmt: skip
     rows, _ = _divergence_fwd(s, t, index, w, m, *spec, uniform, sum_tol, name)
     return reference.reduce_rows(rows, reduction, m, lead)
 
