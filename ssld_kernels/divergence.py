@@ -382,7 +382,7 @@ class _DivergenceFunction(torch.autograd.Function):
         ctx.grads = ctx.fused = None
         presummed = False
         # grad_on: grad mode was on at the call (inside forward it is always off)
-        if grad_on and (need_s or need_t) and _grad_in_forward(backend, s, t, index):
+        if grad_on and need_s and _grad_in_forward(backend, s, t, index, need_t):
             grad_rows, gspec, presummed = _eager_grad_rows(s, mask, reduction, spec)
             row_loss, stats, gs, gt = _launch_forward(
                 s, t, index, weight, mask, gspec, uniform, sum_tol, backend, grad_rows, need_t
@@ -447,15 +447,25 @@ class _DivergenceFunction(torch.autograd.Function):
         return (gs, gt) + rest
 
 
-def _grad_in_forward(backend: str, s: Tensor, t: Tensor, index: Tensor | None) -> bool:
-    """Whether the fused kernel of ``backend`` reads each row of (s, t) once, so that
-    computing the gradient in the forward costs one extra pass over the gradient (its scale
-    in the backward) and saves the backward's second read of both logits and recomputation
-    of every softmax term. cpu: rows are processed cache-resident; triton: the row fits one
+def _grad_in_forward(
+    backend: str, s: Tensor, t: Tensor, index: Tensor | None, need_t: bool
+) -> bool:
+    """Whether to compute the gradient in the forward: when the fused kernel of ``backend``
+    reads each row of (s, t) once, that costs one extra pass over the gradient (its scale in
+    the backward) and saves the backward's second read of both logits and recomputation of
+    every softmax term. cpu: rows are processed cache-resident; triton: the row fits one
     chunk; cuda: a warp holds the row in registers (C <= 1024) or the tune table enabled the
-    shared-memory row cache for this shape. The sparse-teacher kernel keeps the two-pass
-    backward."""
-    if index is not None:
+    shared-memory row cache for this shape.
+
+    Not for float16 gradients: the gradient for an incoming gradient of 1 (with a mean's 1/n)
+    underflows float16's range, and a loss scale applied afterwards cannot bring it back
+    (bfloat16 has float32's range; there the kept gradient is rounded twice, 1 ulp at most,
+    unless the incoming gradient is 1). Not under saved-tensor hooks (non-reentrant
+    checkpointing, save_on_cpu): the kept gradient would escape them. Not for the sparse
+    teacher's kernel (two passes)."""
+    if index is not None or s.dtype == torch.float16 or (need_t and t.dtype == torch.float16):
+        return False
+    if _saved_tensor_hooks_active():
         return False
     c = s.shape[1]
     if backend == "cpu":
@@ -463,12 +473,19 @@ def _grad_in_forward(backend: str, s: Tensor, t: Tensor, index: Tensor | None) -
     if backend == "triton":
         from ssld_kernels.triton.divergence import _launch_config
 
-        block = _launch_config(s.shape[0], c, launch_config("triton", s, t, "fwdbwd"))[0]
+        block = _launch_config(s.shape[0], c, launch_config("triton", s, t, "fused"))[0]
         return c <= block
     if backend == "cuda":
-        cfg = launch_config("cuda", s, t, "fwdbwd") or {}
+        cfg = launch_config("cuda", s, t, "fused") or {}
         return c <= 1024 or cfg.get("row_cache") == 1
     return False
+
+
+def _saved_tensor_hooks_active() -> bool:
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):  # another torch: assume they may be
+        return True
 
 
 class _NotTwice(torch.autograd.Function):
