@@ -454,8 +454,16 @@ class Trainer:
             if t is not None:
                 div = dict(kind=L.kind, beta=L.beta, temperature=L.temperature, mask=ok)
                 if L.fused:  # loss and gradient from one kernel; a surrogate carries the grad
-                    loss, grad = sk.softmax_divergence_and_grad(s_logits.detach(), t, **div)
-                    kd = (s_logits * grad.to(s_logits.dtype)).sum()
+                    s_in = s_logits.detach()
+                    if s_in.dtype == torch.float16:
+                        # the gradient of the unscaled loss (~p / batch) underflows float16:
+                        # keep it in float32 until the GradScaler's scale has been applied
+                        s_in = s_in.float()
+                    loss, grad = sk.softmax_divergence_and_grad(s_in, t, **div)
+                    if grad.dtype == s_logits.dtype:
+                        kd = (s_logits * grad).sum()
+                    else:  # d kd / d s_logits = grad * scale, rounded to float16 once
+                        kd = (s_logits.float() * grad).sum()
                 else:
                     loss = kd = sk.softmax_divergence(s_logits, t, **div)
                 kd = L.kd_weight * kd / accum
