@@ -314,9 +314,10 @@ torch.library.register_autograd(
 # through this autograd.Function instead, because the ops' Python dispatch (register_autograd,
 # argument filling, redispatch) costs more host time than the kernels take at the SSLD shape
 # (CPU, 4 x 16 jsd forward + backward: 189 us through the ops, see bench/README.md). The
-# reduction is folded in, so the backward is one kernel launch: a mean's 1/n goes into the
-# coefficients (loss and gradients are linear in them) and the scalar incoming gradient is
-# read on the device through a stride-0 view.
+# reduction is folded in, so each direction is one kernel launch besides the loss reduction:
+# a mean's 1/n goes into the coefficients (loss and gradients are linear in them) and the
+# incoming gradient is read on the device (a stride-0 view, or the in-place scale of a
+# gradient the forward kept; see _DivergenceFunction).
 # ----------------------------------------------------------------------------------------------
 
 
