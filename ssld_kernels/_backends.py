@@ -574,7 +574,7 @@ def _describe_tune() -> str:
     if table is not None:
         return (
             f"tune table: loaded from {path} ({len(table['entries'])} entries for {name}); "
-            "auto picks the measured GPU divergence backend"
+            "auto picks the measured GPU divergence backend and launch configs"
         )
     state = f"ignored ({why})" if why else "none"
     return (

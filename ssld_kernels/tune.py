@@ -375,9 +375,14 @@ def summary(table: dict) -> str:
     for e in table.get("entries", []):
         hi = "inf" if e["c_hi"] is None else e["c_hi"]
         times = "  ".join(f"{k} {v:.4f}" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
+        cfgs = "".join(
+            f"; {b} config {e[b + '_config']}"
+            for b in _backends.LAUNCH_CONFIG_KEYS
+            if e.get(b + "_config")
+        )
         lines.append(
             f"  {e['mode']:6s} {e['dtype']:8s} C in [{e['c_lo']}, {hi}): {e['backend']:6s} "
-            f"(ms: {times})"
+            f"(ms: {times}{cfgs})"
         )
     return "\n".join(lines)
 

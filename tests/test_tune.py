@@ -199,6 +199,8 @@ def test_build_entries_triton_configs():
     assert list(large["triton_configs_ms"].values()) == pytest.approx([0.8, 0.9])
     table = tune.make_table(FAKE_GPU, entries, {"kind": "jsd"})
     assert _backends.parse_tune_table(table, FAKE_GPU, _backends.tune_versions()) == (table, "")
+    text = tune.summary(table)
+    assert "triton config {'block': 4096, 'num_warps': 8, 'programs_per_sm': 2}" in text
     look = _backends.lookup_launch_config
     assert look(table, "triton", "fused", "float32", 40000) == loop
     assert look(table, "triton", "fused", "float32", 999) is None
