@@ -382,26 +382,20 @@ class _DivergenceFunction(torch.autograd.Function):
         need_t = ctx.needs_input_grad[1] and index is None
         ctx.grads = ctx.fused = None
         presummed = False
+        count = _masked_count(s, mask, reduction)
         # grad_on: grad mode was on at the call (inside forward it is always off)
         if grad_on and need_s and _grad_in_forward(backend, s, t, index, need_t):
-            grad_rows, gspec, presummed = _eager_grad_rows(s, mask, reduction, spec)
+            grad_rows, gspec, presummed = _eager_grad_rows(s, mask, reduction, spec, count)
             row_loss, stats, gs, gt = _launch_forward(
                 s, t, index, weight, mask, gspec, uniform, sum_tol, backend, grad_rows, need_t
             )
-            ctx.grads = (gs if need_s else None, gt if need_t else None)
+            ctx.grads = (gs, gt)  # gt is None unless need_t
             ctx.fused = (gspec, grad_rows)  # to redo it for a second backward
         else:
             row_loss, stats, _, _ = _launch_forward(
                 s, t, index, weight, mask, spec, uniform, sum_tol, backend, None, False
             )
-        count = None
-        if presummed:  # the rows carry the mean's 1/n: their sum is the loss
-            loss = row_loss.sum()
-        elif reduction in ("mean", "batchmean") and mask is not None and n > 0:
-            count = reference.row_count(n, mask, row_loss.dtype, row_loss.device)
-            loss = row_loss.sum() / count
-        else:
-            loss = reference.reduce_rows(row_loss, reduction, mask, lead)
+        loss = _reduce(row_loss, reduction, mask, lead, count, presummed)
         ctx.save_for_backward(s, t, index, weight, mask, stats, count)
         ctx.spec = _scaled(spec, _mean_factor(n, mask, reduction))
         ctx.uniform, ctx.sum_tol, ctx.backend = uniform, sum_tol, backend
@@ -419,7 +413,7 @@ class _DivergenceFunction(torch.autograd.Function):
         n = s.shape[0]
         if ctx.fused is not None:  # gradients from the forward: scale them in place, once
             if ctx.grads is not None:
-                gs, gt = ctx.grads
+                gs, gt = ctx.grads  # need_s holds here (the forward required it)
                 ctx.grads = None
             else:  # a second backward through a retained graph: the same kernel again
                 gspec, grad_rows = ctx.fused
@@ -427,9 +421,8 @@ class _DivergenceFunction(torch.autograd.Function):
                     s, t, index, weight, mask, gspec, ctx.uniform, ctx.sum_tol, ctx.backend,
                     grad_rows, need_t,
                 )  # fmt: skip
-                gs, gt = gs if need_s else None, gt if need_t else None
             factor = grad.reshape(n, 1) if ctx.rows_grad else grad
-            gs = gs.mul_(factor) if gs is not None else None
+            gs = gs.mul_(factor)
             gt = gt.mul_(factor) if gt is not None else None
         else:
             if ctx.rows_grad:
@@ -775,23 +768,42 @@ def _kernel_loss_and_grad(s, t, index, w, m, spec, uniform, sum_tol, name, reduc
             s, t, index, w, m, grad_rows, *spec, uniform, sum_tol, need_grad_t, name
         )
         return reference.reduce_rows(rows, reduction, m, lead), gs, gt
-    grad_rows, gspec, presummed = _eager_grad_rows(s, m, reduction, spec)
+    count = _masked_count(s, m, reduction)
+    grad_rows, gspec, presummed = _eager_grad_rows(s, m, reduction, spec, count)
     rows, _, gs, gt = _launch_forward(
         s, t, index, w, m, gspec, uniform, sum_tol, name, grad_rows, need_grad_t
     )
-    # presummed: the rows already carry the mean's 1/n
-    loss = rows.sum() if presummed else reference.reduce_rows(rows, reduction, m, lead)
-    return loss, gs, gt
+    return _reduce(rows, reduction, m, lead, count, presummed), gs, gt
 
 
-def _eager_grad_rows(s: Tensor, mask: Tensor | None, reduction: str, spec: DivSpec):
-    """(grad_rows, spec, presummed) for an eager fused call without fill kernels: a sum or an
-    unmasked mean reads a cached 1 through a stride-0 view, the mean's 1/n scaling the
-    coefficients (so also the row losses: ``presummed`` says their sum is the loss)."""
+def _masked_count(s: Tensor, mask: Tensor | None, reduction: str) -> Tensor | None:
+    """The row count a masked mean divides by (on the device), else None."""
+    if reduction in ("mean", "batchmean") and mask is not None and s.shape[0] > 0:
+        return reference.row_count(s.shape[0], mask, _acc(s.dtype), s.device)
+    return None
+
+
+def _reduce(rows, reduction, mask, lead, count: Tensor | None, presummed: bool) -> Tensor:
+    """The loss from row losses, reusing a masked mean's ``count``; ``presummed``: the rows
+    already carry the mean's 1/n, so their sum is the loss."""
+    if presummed:
+        return rows.sum()
+    if count is not None:
+        return rows.sum() / count
+    return reference.reduce_rows(rows, reduction, mask, lead)
+
+
+def _eager_grad_rows(
+    s: Tensor, mask: Tensor | None, reduction: str, spec: DivSpec, count: Tensor | None
+):
+    """(grad_rows, spec, presummed) for an eager fused call without fill kernels: a masked
+    mean reads 1 / ``count`` (from :func:`_masked_count`); a sum or an unmasked mean reads a
+    cached 1 through a stride-0 view, the mean's 1/n scaling the coefficients (so also the
+    row losses: ``presummed`` says their sum is the loss)."""
     n, acc = s.shape[0], _acc(s.dtype)
+    if count is not None:
+        return count.reciprocal().reshape(1).expand(n), spec, False
     factor = _mean_factor(n, mask, reduction)
-    if reduction in ("mean", "batchmean") and factor == 1.0 and n > 0:
-        return _grad_rows(n, mask, reduction, acc, s.device), spec, False  # masked mean
     return _unit(acc, s.device).expand(n), _scaled(spec, factor), factor != 1.0
 
 
