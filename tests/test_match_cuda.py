@@ -73,6 +73,17 @@ def _assert_float_close(q, db, dist, idx, k, atol, rtol):
     assert torch.all(dist[:, 1:] >= dist[:, :-1])
 
 
+def _check_views(gq, gdb, q, db, dtype, dim, k=5):
+    """CUDA k-NN of views ``gq``, ``gdb``: uint8 bit-identical to the CPU kernel on the same
+    views ``q``, ``db``; float32 against float64 brute force."""
+    got = sk.match_knn(gq, gdb, k, backend="cuda")
+    if dtype == torch.uint8:
+        _assert_same(got, sk.match_knn(q, db, k, backend="cpu"))
+    else:
+        d, i = (t.cpu() for t in got)
+        _assert_float_close(q, db, d, i, k, atol=1e-3 * dim, rtol=1e-5)
+
+
 @pytest.mark.parametrize("nq,ndb,dim", SHAPES)
 @pytest.mark.parametrize("k", KS)
 def test_uint8_bit_identical_to_cpu(nq, ndb, dim, k):
@@ -218,12 +229,7 @@ def test_unaligned_views(dtype, offset, dim):
     gq, gdb = qb.cuda()[:, offset : offset + dim], dbb.cuda()[:, offset : offset + dim]
     assert gq.stride(1) == 1
     assert gq.data_ptr() % 16 or gq.stride(0) * gq.element_size() % 16
-    got = sk.match_knn(gq, gdb, 5, backend="cuda")
-    if dtype == torch.uint8:
-        _assert_same(got, sk.match_knn(q, db, 5, backend="cpu"))
-    else:
-        d, i = (t.cpu() for t in got)
-        _assert_float_close(q, db, d, i, 5, atol=1e-3 * dim, rtol=1e-5)
+    _check_views(gq, gdb, q, db, dtype, dim)
 
 
 @pytest.mark.parametrize("dtype,width,dim", [(torch.uint8, 112, 100), (torch.float32, 8, 5)])
@@ -236,12 +242,7 @@ def test_aligned_rows_with_a_partial_last_chunk(dtype, width, dim):
     gq, gdb = qb.cuda()[:, :dim], dbb.cuda()[:, :dim]
     assert gq.data_ptr() % 16 == 0 and gq.stride(0) * gq.element_size() % 16 == 0
     assert dim * gq.element_size() % 16
-    got = sk.match_knn(gq, gdb, 5, backend="cuda")
-    if dtype == torch.uint8:
-        _assert_same(got, sk.match_knn(q, db, 5, backend="cpu"))
-    else:
-        d, i = (t.cpu() for t in got)
-        _assert_float_close(q, db, d, i, 5, atol=1e-3 * dim, rtol=1e-5)
+    _check_views(gq, gdb, q, db, dtype, dim)
 
 
 def test_refuses_cuda_graph_capture():
