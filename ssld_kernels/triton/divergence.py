@@ -162,6 +162,30 @@ def _store_row_loss(
 
 
 @triton.jit
+def _store_grads(
+    grad_s_ptr,
+    grad_t_ptr,
+    row,
+    n_cols,
+    cols,
+    keep,
+    gs,
+    gt,
+    WRITE_GRAD_S: tl.constexpr,
+    WRITE_GRAD_T: tl.constexpr,
+):
+    """Store the wanted gradients of a chunk of a contiguous (n, C) output; exact zeros on
+    masked rows (keep False)."""
+    in_row = cols < n_cols
+    if WRITE_GRAD_S:
+        out = grad_s_ptr + row * n_cols + cols
+        tl.store(out, tl.where(keep, gs, 0.0).to(grad_s_ptr.dtype.element_ty), mask=in_row)
+    if WRITE_GRAD_T:
+        out = grad_t_ptr + row * n_cols + cols
+        tl.store(out, tl.where(keep, gt, 0.0).to(grad_t_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
 def _grad_pass(
     s_row,
     t_row,
@@ -192,21 +216,14 @@ def _grad_pass(
     offs = tl.arange(0, BLOCK)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
-        in_row = cols < n_cols
         logp = _load_logits(s_row, cols, n_cols, n_load, inv_temp) - m_s - log_d_s
         logq = _load_logits(t_row, cols, n_cols, n_load, inv_temp) - m_t - log_d_t
         p = tl.exp(logp)
         q = tl.exp(logq)
         ls, lt = _log_ratios(logp, logq, beta, MODE)
         gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
-        if WRITE_GRAD_S:
-            gs = tl.where(keep, gs, 0.0)
-            out = grad_s_ptr + row * n_cols + cols
-            tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
-        if WRITE_GRAD_T:
-            gt = tl.where(keep, gt, 0.0)
-            out = grad_t_ptr + row * n_cols + cols
-            tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+        _store_grads(grad_s_ptr, grad_t_ptr, row, n_cols, cols, keep, gs, gt, WRITE_GRAD_S,
+                     WRITE_GRAD_T)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------
@@ -293,15 +310,8 @@ def _divergence_fwd_kernel(
             b = tl.sum(tl.where(q == 0.0, 0.0, q * lt), axis=0)
             if WRITE_GRAD_S or WRITE_GRAD_T:
                 gs, gt = _row_grads(p, q, ls, lt, a, b, g, coef_a, coef_b, MODE)
-                in_row = offs < n_cols
-                if WRITE_GRAD_S:
-                    out = grad_s_ptr + row * n_cols + offs
-                    gs = tl.where(keep, gs, 0.0)
-                    tl.store(out, gs.to(grad_s_ptr.dtype.element_ty), mask=in_row)
-                if WRITE_GRAD_T:
-                    out = grad_t_ptr + row * n_cols + offs
-                    gt = tl.where(keep, gt, 0.0)
-                    tl.store(out, gt.to(grad_t_ptr.dtype.element_ty), mask=in_row)
+                _store_grads(grad_s_ptr, grad_t_ptr, row, n_cols, offs, keep, gs, gt,
+                             WRITE_GRAD_S, WRITE_GRAD_T)  # fmt: skip
         else:
             # pass 1: log-sum-exp of both rows
             m_s = float("-inf")
