@@ -331,11 +331,11 @@ def run(args) -> tuple[dict, Path]:
                         case = {"mode": mode, "dtype": dname, "rows": n, "classes": c, "backend": b}
                         if config:
                             case["config"] = config
+                        name = _variant_name(b, config)
                         try:
-                            key = (b, json.dumps(config, sort_keys=True), n)
-                            if config and key not in checked:  # once per shape, both modes
+                            if config and (name, n) not in checked:  # once per shape
                                 check_variant(b, config, dtype, n, c, args.kind)
-                                checked.add(key)
+                                checked.add((name, n))
                             with _forced(b, config):
                                 case.update(time_case(
                                     b, mode, dtype, n, c, args.kind, args.warmup, args.rep
@@ -345,7 +345,6 @@ def run(args) -> tuple[dict, Path]:
                             case["error"] = repr(e)[:300]
                             msg = f"ERROR {case['error']}"
                         results.append(case)
-                        name = _variant_name(b, config)
                         print(f"{mode:6s} {dname:8s} {n:6d} x {c:<7d} {name} {msg}", flush=True)
                 torch.cuda.empty_cache()
     meta = {
