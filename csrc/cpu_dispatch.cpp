@@ -100,12 +100,21 @@ const Table& table() {
 // against 25 ms with huge pages and 9.5 ms warm, more than the kernel itself. So the 2 MB
 // aligned interior of a large gradient is marked MADV_HUGEPAGE before the kernel writes it: a
 // hint only (ignored where THP is off, harmless on memory already populated).
+// SSLD_KERNELS_HUGEPAGES=0 turns it off (read once), for A/B measurements.
 namespace {
 constexpr std::uintptr_t kHugePage = std::uintptr_t(1) << 21;
 
+bool hugepages_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("SSLD_KERNELS_HUGEPAGES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
 void advise_huge(std::uintptr_t ptr, std::int64_t rows, std::int64_t stride, int dtype) {
 #ifdef __linux__
-  if (ptr == 0 || rows <= 0 || stride <= 0) return;
+  if (ptr == 0 || rows <= 0 || stride <= 0 || !hugepages_enabled()) return;
   const std::uintptr_t elem = dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
   const std::uintptr_t end = ptr + static_cast<std::uintptr_t>(rows) * stride * elem;
   const std::uintptr_t a = (ptr + kHugePage - 1) & ~(kHugePage - 1);
