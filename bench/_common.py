@@ -55,6 +55,14 @@ def environment(device: torch.device) -> dict:
     else:
         env["device"] = _cpu_name()
         env["threads"] = torch.get_num_threads()
+        env["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["hugepages"] = os.environ.get("SSLD_KERNELS_HUGEPAGES", "1") != "0"
+        try:
+            from ssld_kernels._backends import ext
+
+            env["ssld_cpu_isa"] = ext().cpu_isa()
+        except Exception:  # noqa: BLE001 - no compiled extension
+            env["ssld_cpu_isa"] = None
     return env
 
 

@@ -123,12 +123,20 @@ def _ssld_backends(device, wanted):
 # ---------------------------------------------------------------------------------- knn
 
 
-def _cdist_topk(q, db, k, block):
-    dbf = db.float()
+# fp16 cdist works on descriptors scaled to [0, 1]: raw uint8 squared norms (up to 8.3e6)
+# overflow float16; distances are scaled back in float32 after the top-k.
+FP16_SCALE = 1.0 / 255.0
+
+
+def _cdist_topk(q, db, k, block, dtype=torch.float32):
+    scale = FP16_SCALE if dtype == torch.float16 else 1.0
+    dbf = db.to(dtype) * scale if scale != 1.0 else db.to(dtype)
     vals, idx = [], []
     for i in range(0, q.shape[0], block):
-        v, j = torch.cdist(q[i : i + block].float(), dbf).topk(k, dim=1, largest=False)
-        vals.append(v.pow_(2))
+        qi = q[i : i + block].to(dtype)
+        qi = qi * scale if scale != 1.0 else qi
+        v, j = torch.cdist(qi, dbf).topk(k, dim=1, largest=False)
+        vals.append((v.float() / scale).pow_(2))
         idx.append(j)
     return torch.cat(vals), torch.cat(idx)
 
@@ -183,6 +191,18 @@ def knn_providers(q, db, k, device, wanted, skipped):
             "the uint8->float32 conversion is timed; the expansion is inexact",
         )
     )
+    if device.type == "cuda":
+        provs.append(
+            Provider(
+                "torch-cdist-topk-fp16",
+                lambda m: lambda: _cdist_topk(q[:m], db, k, block, torch.float16),
+                _norm_knn_torch,
+                rtol=2e-2,
+                mem=lambda m: 3 * 2 * min(m, block) * ndb,
+                notes=f"float16 torch.cdist (descriptors scaled by 1/255) in blocks of {block} "
+                "queries + topk(k); conversion timed; inexact, a speed reference",
+            )
+        )
     qf = dbf = None
     if device.type == "cpu":
         qf, dbf = q.numpy().astype(np.float32), db.numpy().astype(np.float32)
@@ -296,12 +316,13 @@ def knn_providers(q, db, k, device, wanted, skipped):
 # -------------------------------------------------------------------------------- pairs
 
 
-def _cdist_pairs(A, B, na, ratio, chunk):
+def _cdist_pairs(A, B, na, ratio, chunk, scale=1.0):
     """Batched ratio test over padded pairs: (keep (P, na_max), best j, best distance)."""
     rows = torch.arange(A.shape[1], device=A.device)
     keep, jj, dd = [], [], []
     for c in range(0, A.shape[0], chunk):
         v, j = torch.cdist(A[c : c + chunk], B[c : c + chunk]).topk(2, dim=2, largest=False)
+        v = v.float() / scale
         keep.append((v[..., 0] < ratio * v[..., 1]) & (rows < na[c : c + chunk, None]))
         jj.append(j[..., 0])
         dd.append(v[..., 0])
@@ -364,6 +385,18 @@ def pair_providers(a_list, b_list, ratio, device, wanted, skipped):
             "only a speed reference; padding/conversion not timed; per-pair lists not built",
         )
     )
+    if device.type == "cuda":
+        A16, B16 = (A * FP16_SCALE).half(), (B.clamp(max=255.0 * 8) * FP16_SCALE).half()
+        provs.append(
+            Provider(
+                "torch-cdist-topk-fp16",
+                lambda m: lambda: _cdist_pairs(A16[:m], B16[:m], na[:m], ratio, chunk, FP16_SCALE),
+                norm_cdist,
+                rtol=2e-2,
+                notes="as torch-cdist-topk in float16 on descriptors scaled by 1/255 (sentinel "
+                "clamped to 2040 so that squared norms stay finite); a speed reference only",
+            )
+        )
     if device.type == "cpu":
         try:
             import cv2
