@@ -17,6 +17,11 @@ from ssld_kernels.divergence import (
     softmax_divergence,
     softmax_divergence_and_grad,
 )
+from ssld_kernels.fused_linear import (
+    FusedLinearDivergence,
+    FusedLinearJSD,
+    fused_linear_divergence,
+)
 from ssld_kernels.match import match_knn, match_pairs
 
 __all__ = [
@@ -28,6 +33,9 @@ __all__ = [
     "JSDLoss",
     "SymmetricKLLoss",
     "KLDivLoss",
+    "fused_linear_divergence",
+    "FusedLinearDivergence",
+    "FusedLinearJSD",
     "match_knn",
     "match_pairs",
 ]
