@@ -376,16 +376,15 @@ class _FusedLinearDivergenceFunction(torch.autograd.Function):
             tensors = (h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, grad.reshape(-1))
             _, gh, gw, gb = _launch(tensors, None, ctx.opt, need_h, need_w, need_b)
         else:
+            if ctx.consumed:  # before unpacking: autograd's version check would raise less clearly
+                raise RuntimeError(
+                    "fused_linear_divergence: a second backward through the same graph "
+                    "(retain_graph=True) is not supported; the gradients computed in the "
+                    "forward were scaled in place by the first"
+                )
             gh, gw, gb = ctx.saved_tensors
             inplace = _eager(grad, gh, gw, gb)
-            if inplace:
-                if ctx.consumed:
-                    raise RuntimeError(
-                        "fused_linear_divergence: a second backward through the same graph "
-                        "(retain_graph=True) is not supported; the gradients computed in the "
-                        "forward were already scaled by the first"
-                    )
-                ctx.consumed = True
+            ctx.consumed = inplace
             gh, gw, gb = (None if x is None else _times(x, grad, inplace) for x in (gh, gw, gb))
         dh, dw, db = ctx.dtypes
         return (
