@@ -28,6 +28,10 @@ cd "$ROOT"
 if [ "${1:-}" = "--prepare" ]; then
   set -e
   py=${SSLD_PREP_PYTHON:-python3.12}
+  if ! "$py" -c pass 2>/dev/null; then  # pyenv's shim without a global 3.12
+    py=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12 2>/dev/null | tail -1)
+  fi
+  [ -n "$py" ] || { echo "--prepare needs python3.12 (the device's python); set SSLD_PREP_PYTHON" >&2; exit 1; }
   rm -rf .devbuild && mkdir -p .devbuild .whl
   git rev-parse HEAD > .devbuild/GIT_SHA
   [ -z "$(git status --porcelain --untracked-files=no)" ] || echo "warning: uncommitted changes" >&2
