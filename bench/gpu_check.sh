@@ -10,7 +10,7 @@
 #   bash bench/gpu_check.sh               # writes everything under $OUT
 # Rerun one part only: SSLD_STAGES="tests" (any of build,tests,sanitizer,tune,divergence,
 # match,train; tune is not in the default list), SSLD_PYTEST_ARGS="tests/test_match_cuda.py"
-# narrows the test stage.
+# narrows the test stage, SSLD_PYTEST_WORKERS (12) sets its xdist workers.
 #
 # Stages and budgets (seconds; a stage never runs past the overall deadline):
 #   build       prebuilt .devbuild extension if it imports there, else an sm_90 build (150)
@@ -67,7 +67,7 @@ run_stage() {  # name budget log cmd...: the command under a timeout, status rec
   local name=$1 b; b=$(budget "$2"); local log=$3; shift 3
   if [ "$b" -lt 10 ]; then record "$name" "skipped: no time left"; return 1; fi
   local t0; t0=$(date +%s)
-  timeout -s INT -k 15 "$b" "$@" > "$log" 2>&1
+  timeout -s INT -k 30 "$b" "$@" > "$log" 2>&1
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record "$name" "cut at its budget ${b} s"
@@ -116,7 +116,7 @@ if want tests; then
   log="$OUT/pytest_cuda.log"
   cp "$OUT/header.txt" "$log"
   # shellcheck disable=SC2086
-  run_stage tests 210 "$OUT/pytest_cuda.raw" python3 -m pytest -m cuda -q -n 12 \
+  run_stage tests 210 "$OUT/pytest_cuda.raw" python3 -m pytest -m cuda -q -n "${SSLD_PYTEST_WORKERS:-12}" \
     --timeout 90 --timeout-method=thread -p no:cacheprovider -rfE --durations=15 \
     --junitxml="$OUT/pytest_cuda.xml" ${SSLD_PYTEST_ARGS:-tests}
   cat "$OUT/pytest_cuda.raw" >> "$log"; rm -f "$OUT/pytest_cuda.raw"
