@@ -42,10 +42,10 @@ from torch import nn
 
 import ssld_kernels as sk
 from ssld import config as C
-from ssld.data import EvalTransform, ImageList, Normalize, worker_options
+from ssld.data import Normalize, worker_options
 from ssld.data.train import ResumableSampler, TrainSet, TrainTransform, class_folder, unlabeled_list
-from ssld.teacher import TeacherError, load_model
 from ssld.train import checkpoint as ckpt
+from ssld.train import evaluate as ev
 from ssld.train import teacher_cache as tcache
 from ssld.train.metrics import PHASES, Meters, RunLog, StepTimer
 
@@ -195,14 +195,13 @@ class Trainer:
         self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.val = None
         if d.val is not None:
-            val_classes, items = class_folder(d.val)
+            self.val = ev.val_set(d.val)
+            val_classes = self.val.classes
             if self.classes is not None and val_classes != self.classes:
                 raise C.ConfigError(
                     f"data.val classes differ from data.train classes "
                     f"({len(val_classes)} vs {len(self.classes)}, e.g. {val_classes[:3]})"
                 )
-            self.val = (Path(d.val), [p for p, _ in items], torch.tensor([y for _, y in items]))
-            self.val_classes = val_classes
 
     def _torch_loader(self):
         d = self.cfg.data
@@ -217,33 +216,30 @@ class Trainer:
             **worker_options(d.workers),
         )
 
-    def _build_model(self, mc: C.ModelConfig, name: str) -> nn.Module:
-        kwargs = dict(mc.kwargs)
-        if mc.num_classes is not None:
-            kwargs["num_classes"] = mc.num_classes
-        try:
-            return load_model(mc.name, mc.weights, require_weights=name == "teacher", **kwargs)
-        except TeacherError as e:
-            raise C.ConfigError(f"{name}: {e}") from None
-
     def build_models(self) -> None:
+        """The student, and the frozen teacher unless ``loss.kd_weight`` is 0 (supervised
+        training or finetuning on labels only: no teacher is built, loaded or run)."""
         cfg = self.cfg
-        student = self._build_model(cfg.student, "student")
-        teacher = self._build_model(cfg.teacher, "teacher")
+        student = ev.build_model(cfg.student, "student")
+        teacher = ev.build_model(cfg.teacher, "teacher") if cfg.loss.kd_weight > 0 else None
         if self.init is not None:
-            student.load_state_dict(ckpt.student_state(self.init))
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        student, teacher = student.to(self.device), teacher.to(self.device)
+            ckpt.load_student_weights(student, self.init)
+        student = student.to(self.device)
         if cfg.run.channels_last:
             student = student.to(memory_format=torch.channels_last)
-            teacher = teacher.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            teacher = teacher.to(self.device)
+            if cfg.run.channels_last:
+                teacher = teacher.to(memory_format=torch.channels_last)
         self._check_classes(student, teacher)
-        teacher.eval()
-        if cfg.teacher.bn_train:  # PaddleClas: teacher BatchNorm uses batch statistics
-            for m in teacher.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
+        if teacher is not None:
+            teacher.eval()
+            if cfg.teacher.bn_train:  # PaddleClas: teacher BatchNorm uses batch statistics
+                for m in teacher.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.train()
         if cfg.run.sync_bn and self.world > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
         self.ema = None
@@ -257,11 +253,10 @@ class Trainer:
             student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if cfg.run.compile:
             student = torch.compile(student)
-            teacher = torch.compile(teacher)
+            teacher = torch.compile(teacher) if teacher is not None else None
         self.student, self.teacher = student, teacher
-        amp = cfg.run.amp if self.device.type == "cuda" else "none"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+        self.amp_dtype = ev.autocast_dtype(cfg.run.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
     def _check_classes(self, student, teacher) -> None:
         s = self.cfg.data.input_size
@@ -269,7 +264,8 @@ class Trainer:
         was = student.training
         student.eval()
         with torch.no_grad():
-            ys, yt = student(x), teacher(x)
+            ys = student(x)
+            yt = teacher(x) if teacher is not None else ys
         student.train(was)
         for name, y in (("student", ys), ("teacher", yt)):
             if not isinstance(y, torch.Tensor) or y.dim() != 2:
@@ -558,7 +554,7 @@ class Trainer:
                 f"global batch {cfg.run.batch_size} ({self.world} x {self.micro_batch} x "
                 f"{cfg.run.grad_accum}), peak lr {self.peak_lr:g}, device {self.device}"
             )
-        if self.val is not None and self.step == 0:  # same decision on every rank
+        if self.val is not None and self.teacher is not None and self.step == 0:  # every rank
             self._teacher_eval_once()
         meters, timer = Meters(self.device), StepTimer(self.device)
         self._logged_step = self.step
@@ -677,43 +673,10 @@ class Trainer:
 
     # ---- evaluation ----
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module, batch_size: int = 128) -> dict:
         """Top-1 / top-5 (%) of ``model`` on data.val (this rank's share, all-reduced)."""
-        root, paths, labels = self.val
-        d = self.cfg.data
-        idx = list(range(self.rank, len(paths), self.world))
-        ds = ImageList(
-            [paths[i] for i in idx], root, EvalTransform(d.input_size, d.eval_crop_pct), idx
-        )
-        loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, pin_memory=self.device.type == "cuda",
-            **worker_options(min(d.workers, 8)),
-        )  # fmt: skip
-        was = model.training
-        model.eval()
-        counts = torch.zeros(3, device=self.device)
-        labels = labels.to(self.device)
-        amp = torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.float32,
-            enabled=self.amp_dtype is not None,
-        )
-        for imgs, ids, ok in loader:
-            with amp:
-                logits = model(self.normalize(imgs))
-            y = labels[ids.to(self.device)]
-            top5 = logits.float().topk(min(5, logits.shape[1]), 1).indices
-            okd = ok.to(self.device)
-            counts[0] += ((top5[:, 0] == y) & okd).sum()
-            counts[1] += ((top5 == y[:, None]).any(1) & okd).sum()
-            counts[2] += okd.sum()
-        model.train(was)
-        if self.world > 1:
-            torch.distributed.all_reduce(counts)
-        c = counts.tolist()
-        n = max(c[2], 1.0)
-        return {"top1": 100 * c[0] / n, "top5": 100 * c[1] / n, "images": int(c[2])}
+        kw = dict(amp_dtype=self.amp_dtype, rank=self.rank, world=self.world)
+        return ev.evaluate(model, self.val, self.cfg.data, self.device, batch_size=batch_size, **kw)
 
     def evaluate_and_log(self) -> dict:
         model = self.ema if self.ema is not None else _unwrap(self.student)
