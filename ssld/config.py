@@ -212,8 +212,25 @@ def _build(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
-def validate(cfg: TrainConfig) -> TrainConfig:
-    """Value checks that need more than a type; raises ConfigError naming the key."""
+STAGES = ("train", "finetune", "eval")
+
+
+def is_model_name(spec: str) -> bool:
+    """True when a model spec names a timm model: not ``module:callable``, not a file."""
+    return ":" not in spec and not Path(spec).is_file()
+
+
+def validate(cfg: TrainConfig, stage: str = "train") -> TrainConfig:
+    """Value checks that need more than a type; raises ConfigError naming the key.
+
+    ``stage`` says what the configuration is for: ``train`` (T and/or U; the teacher when
+    ``loss.kd_weight > 0``), ``finetune`` (T; the teacher when ``loss.kd_weight > 0``, so
+    ``loss.kd_weight=0 loss.ce_weight=1`` finetunes on the labels alone, without a teacher) or
+    ``eval`` (the student and ``data.val`` only: training data, teacher, teacher cache and
+    loader are not looked at).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     for (section, name), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
@@ -273,17 +290,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.steps must be >= 1, got {cfg.optim.steps}")
     if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
         raise ConfigError(f"run.max_steps must be >= 1, got {cfg.run.max_steps}")
+    if stage == "eval":
+        _validate_folders(cfg, ("val",), ("val",))
+        return cfg
     if not cfg.data.synthetic:
+        if stage == "finetune" and cfg.data.train is None:
+            raise ConfigError("finetuning needs data.train (the labeled set T)")
         if cfg.data.train is None and cfg.data.unlabeled is None:
             raise ConfigError("data.train or data.unlabeled must be set (or data.synthetic)")
-        for key in ("train", "val", "unlabeled", "unlabeled_root"):
-            path = getattr(cfg.data, key)
-            if path is not None and not Path(path).exists():
-                raise ConfigError(f"data.{key}: path not found: {path}")
-        for key in ("train", "val"):
-            path = getattr(cfg.data, key)
-            if path is not None and not Path(path).is_dir():
-                raise ConfigError(f"data.{key} must be a folder with class subfolders: {path}")
+        _validate_folders(cfg, ("train", "val", "unlabeled", "unlabeled_root"), ("train", "val"))
     _validate_cache(cfg)
     if cfg.data.loader == "dali" and not cfg.data.synthetic:
         from ssld.data.dali import require_dali
@@ -296,7 +311,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         w = getattr(cfg, key).weights
         if w is not None and not Path(w).is_file():
             raise ConfigError(f"{key}.weights: file not found: {w}")
+    t = cfg.teacher
+    if cfg.loss.kd_weight > 0 and t.weights is None and is_model_name(t.name):
+        raise ConfigError(
+            f"teacher.weights: required for the timm teacher {t.name!r} (a local file; nothing "
+            "is downloaded), unless loss.kd_weight=0 (no teacher)"
+        )
     return cfg
+
+
+def _validate_folders(cfg: TrainConfig, paths, class_folders) -> None:
+    """data.<key> exists for every key of ``paths`` that is set; those of ``class_folders``
+    are folders."""
+    for key in paths:
+        path = getattr(cfg.data, key)
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"data.{key}: path not found: {path}")
+    for key in class_folders:
+        path = getattr(cfg.data, key)
+        if path is not None and not Path(path).is_dir():
+            raise ConfigError(f"data.{key} must be a folder with class subfolders: {path}")
 
 
 def _validate_cache(cfg: TrainConfig) -> None:
@@ -371,8 +405,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def load_config(path: str | None = None, overrides=(), validate_paths: bool = True) -> TrainConfig:
-    """TrainConfig from a YAML recipe (or the defaults) plus ``key=value`` overrides."""
+def load_config(
+    path: str | None = None, overrides=(), validate_paths: bool = True, stage: str = "train"
+) -> TrainConfig:
+    """TrainConfig from a YAML recipe (or the defaults) plus ``key=value`` overrides, checked
+    for ``stage`` (see :func:`validate`; ``validate_paths=False``: types only)."""
     data: dict = {}
     if path is not None:
         import yaml
@@ -395,7 +432,7 @@ def load_config(path: str | None = None, overrides=(), validate_paths: bool = Tr
                 raise ConfigError(f"override {text!r}: {p} is not a section")
         node[parts[-1]] = value
     cfg = _build(TrainConfig, data, "")
-    return validate(cfg) if validate_paths else cfg
+    return validate(cfg, stage) if validate_paths else cfg
 
 
 def replace(cfg, **changes):
