@@ -1,7 +1,10 @@
 """The ``ssld`` command line.
 
-Each pipeline stage is a sub-command reading and writing plain files. Errors in arguments
-give one line naming the argument and exit code 2, never a traceback.
+Each pipeline stage is a sub-command reading and writing plain files. Every expected failure
+is one line naming the problem, never a traceback: bad arguments (and configuration keys,
+inputs that cannot be used) exit with code 2, failures while running (out of memory, a CUDA
+error, a damaged checkpoint, a full disk...) with code 1, an interrupt (Ctrl-C) with 130.
+``--debug`` (before or after the sub-command; or ``SSLD_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -425,19 +428,39 @@ def _add_train(sub) -> None:
             help="student weights to start from (finetune: default OUT/student.pt of training)",
         )
         p.set_defaults(func=_cmd_train, mode=name)
-    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a validation folder")
-    p.add_argument("--config", type=_existing_file, help="YAML recipe (model and data)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--checkpoint", required=True, type=_existing_file)
+    p = sub.add_parser(
+        "eval",
+        help="top-1/top-5 of a student checkpoint on a validation folder",
+        description=(
+            "Top-1/top-5 of the student of --config (with key=value overrides) holding the "
+            "weights of --checkpoint (OUT/student.pt, or a training checkpoint OUT/last.pt: its "
+            "EMA weights when kept) on a folder with one subfolder per class: --val, else "
+            "data.val, else the data.val of the run that wrote the checkpoint (its folder's "
+            "config.json). Needs only the student and the images: no teacher, no training "
+            "data, no augmentation library. Prints the result, as JSON on its last line."
+        ),
+    )
+    p.add_argument("--config", type=_existing_file, help="YAML recipe (student and data)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--checkpoint", required=True, type=_existing_file, help="student weights")
     p.add_argument("--val", type=_existing_dir, help="folder with class subfolders")
+    p.add_argument("--out", help="also write the result to this JSON file")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:i (default: run.device)")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument(
+        "--workers",
+        type=_nonneg_int,
+        default=None,
+        help="decoding processes (default: data.workers)",
+    )
     p.set_defaults(func=_cmd_eval)
 
 
-def _load_train_config(args, extra=()):
+def _load_train_config(args, extra=(), stage="train"):
     from ssld.config import ConfigError, load_config
 
     try:
-        return load_config(args.config, list(args.overrides) + list(extra))
+        return load_config(args.config, list(args.overrides) + list(extra), stage=stage)
     except ConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -446,7 +469,7 @@ def _cmd_train(args) -> int:
     from ssld.config import ConfigError, finetune_config
     from ssld.train import Trainer
 
-    cfg = _load_train_config(args)
+    cfg = _load_train_config(args, stage=args.mode)
     init = args.init
     try:
         if args.mode == "finetune":
@@ -467,28 +490,35 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    import tempfile
-
-    from ssld.config import ConfigError
-    from ssld.train import Trainer
+    from ssld._io import atomic_write_json
+    from ssld.config import ConfigError, replace
+    from ssld.train.evaluate import evaluate_checkpoint, run_val_folder
 
     extra = [f"data.val={args.val}"] if args.val else []
-    extra.append(f"run.out={tempfile.mkdtemp(prefix='ssld-eval-')}")  # no run folder here
-    if not any(o.startswith(("data.train=", "data.unlabeled=")) for o in args.overrides):
-        import yaml
-
-        recipe = yaml.safe_load(open(args.config)) if args.config else {}
-        data = (recipe or {}).get("data") or {}
-        if not data.get("train") and not data.get("unlabeled"):
-            extra.append("data.synthetic=true")  # evaluation needs no training data
-    cfg = _load_train_config(args, extra)
+    cfg = _load_train_config(args, extra, stage="eval")
     if cfg.data.val is None:
-        raise UsageError("argument --val: no validation folder (give --val or data.val)")
+        val = run_val_folder(args.checkpoint)
+        if val is None or not os.path.isdir(val):
+            raise UsageError(
+                "argument --val: no validation folder (give --val or data.val; the checkpoint's "
+                "run folder names none)"
+            )
+        print(f"validation folder of the run that wrote {args.checkpoint}: {val}", file=sys.stderr)
+        cfg = replace(cfg, **{"data.val": val})
+    device = resolve_device(args.device or cfg.run.device)
     try:
-        trainer = Trainer(cfg, mode="train", init=args.checkpoint)
+        res = evaluate_checkpoint(
+            cfg, args.checkpoint, device=device, batch_size=args.batch_size, workers=args.workers
+        )
     except ConfigError as e:
         raise UsageError(str(e)) from None
-    res = trainer.evaluate(trainer.student_raw)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        atomic_write_json(args.out, res)
+    print(
+        f"top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['images']} images of "
+        f"{res['val']})"
+    )
     print(json.dumps(res))
     return 0
 
@@ -527,6 +557,9 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+_DEBUG_HELP = "show the traceback of a failure instead of a one-line error"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="ssld",
@@ -543,7 +576,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_train(sub)
     _add_demo(sub)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    for p in sub.choices.values():  # also after the sub-command; SUPPRESS keeps the above
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     return parser
+
+
+_INTERRUPT_HINTS = {
+    "train": "; rerun with --resume to continue from the last checkpoint",
+    "finetune": "; rerun with --resume to continue from the last checkpoint",
+    "dedup": "; rerun the same command to resume",
+    "select": "; rerun the same command to resume",
+}
+
+
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    """The exception's message on one line (whitespace collapsed, at most ``limit`` chars);
+    the type name in front when it is not one of ssld's own errors."""
+    msg = " ".join(str(e).split()) or "(no message)"
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    if not type(e).__module__.startswith("ssld"):
+        msg = f"{type(e).__name__}: {msg}"
+    if isinstance(e, MemoryError) or "out of memory" in msg.lower():
+        msg += " (a smaller batch size may fit)"
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -552,14 +609,24 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0
+    debug = args.debug or os.environ.get("SSLD_DEBUG", "") not in ("", "0")
+    prog = f"ssld {args.command}"
     try:
         return args.func(args)
-    except UsageError as e:
-        parser.exit(2, f"ssld {args.command}: error: {e}\n")
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        if os.environ.get("SSLD_DEBUG"):
+    except KeyboardInterrupt:
+        if debug:
             raise
-        parser.exit(2, f"ssld {args.command}: error: {e}\n")
+        parser.exit(130, f"{prog}: interrupted{_INTERRUPT_HINTS.get(args.command, '')}\n")
+    except (UsageError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        # bad arguments, configuration keys and inputs (ConfigError and TeacherError are
+        # ValueErrors; the pipeline's own checks of its inputs raise ValueError)
+        if debug:
+            raise
+        parser.exit(2, f"{prog}: error: {' '.join(str(e).split())}\n")
+    except Exception as e:  # noqa: BLE001 - a failure while running: one line, exit 1
+        if debug:
+            raise
+        parser.exit(1, f"{prog}: error: {_one_line(e)} (--debug shows the traceback)\n")
 
 
 if __name__ == "__main__":
