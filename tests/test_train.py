@@ -137,6 +137,55 @@ def test_eval_cli(digits, tmp_path, capsys):
     assert res["images"] == 359 and 0 <= res["top1"] <= res["top5"] <= 100
 
 
+def test_no_teacher_when_kd_weight_is_0(digits, tmp_path, capsys):
+    """Supervised training and finetuning on labels alone build no teacher: a timm teacher
+    without weights (timm need not even be installed) is not looked at."""
+    labels_only = {
+        "loss.kd_weight": 0.0,
+        "loss.ce_weight": 1.0,
+        "teacher.name": "resnext101_32x16d",
+        "teacher.kwargs": "{}",
+        "run.max_steps": 2,
+    }
+    out = tmp_path / "sup"
+    tr = Trainer(_cfg(digits, out, **labels_only), log=None)
+    assert tr.teacher is None
+    assert tr.fit()["step"] == 2 and not (out / "teacher_eval.json").exists()
+    init = tmp_path / "init.pt"
+    torch.save(tr.student_raw.state_dict(), init)
+    args = ["finetune", "--init", str(init), *_overrides(digits, out, **labels_only)]
+    assert main(args) == 0
+    # with the divergence term the teacher is needed, and a timm one needs weights: checked
+    # by the validator, one line naming the key
+    with pytest.raises(ConfigError, match=r"teacher\.weights: required for the timm teacher"):
+        load_config(None, _overrides(digits, out, **{"teacher.name": "resnext101_32x16d"}))
+    capsys.readouterr()
+    timm_teacher = _overrides(digits, out, **{"teacher.name": "resnext101_32x16d"})
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--init", str(init), *timm_teacher])
+    assert e.value.code == 2 and "teacher.weights" in capsys.readouterr().err
+
+
+def test_config_stages(digits, tmp_path):
+    """finetune needs T; eval looks at the student and data.val only."""
+    with pytest.raises(ConfigError, match="finetuning needs data.train"):
+        load_config(None, _overrides(digits, tmp_path, **{"data.train": "null"}), stage="finetune")
+    broken = {
+        "data.train": "/nonexistent",
+        "data.unlabeled": "/nonexistent",
+        "teacher.name": "resnext101_32x16d",
+        "teacher.weights": "/nonexistent.pt",
+        "data.loader": "dali",
+        "data.autoaugment": True,
+    }
+    cfg = load_config(None, _overrides(digits, tmp_path, **broken), stage="eval")
+    assert cfg.data.val == str(digits["val"])
+    with pytest.raises(ConfigError, match="data.val: path not found"):
+        load_config(None, _overrides(digits, tmp_path, **{"data.val": "/nope"}), stage="eval")
+    with pytest.raises(ConfigError, match="data.train: path not found"):
+        load_config(None, _overrides(digits, tmp_path, **broken), stage="train")
+
+
 def test_options_ce_ema_accum_autoaugment(digits, tmp_path):
     pytest.importorskip("kornia")
     out = tmp_path / "opts"
