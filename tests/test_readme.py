@@ -98,7 +98,7 @@ QUICK = [
 ]
 if importlib.util.find_spec("kornia") is None:  # optional: the recipe's AutoAugment
     QUICK.append("data.autoaugment=false")
-STAGE = {"train": "train", "finetune": "finetune", "eval": "eval"}
+CONFIG_COMMANDS = ("train", "finetune", "eval")  # their config is validated for that stage
 
 # ---- extraction ----
 
@@ -190,9 +190,9 @@ def parse_and_validate(argv: list[str]):
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"`ssld {' '.join(argv)}` does not parse (exit {e.code})")
-    if args.command in STAGE:
+    if args.command in CONFIG_COMMANDS:
         extra = [f"data.val={args.val}"] if getattr(args, "val", None) else []
-        load_config(args.config, list(args.overrides) + extra, stage=STAGE[args.command])
+        load_config(args.config, list(args.overrides) + extra, stage=args.command)
     return args
 
 
@@ -224,9 +224,11 @@ def data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("readme-data")
     gal = make_photo_set(
-        root / "photos", copy_transforms=("crop", "flip"), unrelated=UNRELATED[:4],
+        root / "photos",
+        copy_transforms=("crop", "flip"),
+        unrelated=UNRELATED[:4],
         unrelated_transforms=("orig",),
-    )  # fmt: skip
+    )
     shutil.move(str(gal["query"]), root / "gallery")
     for name in REFERENCE:
         (root / "IMAGENET" / "val" / name).mkdir(parents=True)
@@ -329,12 +331,20 @@ def test_readme_commands(workdir, capsys):
     assert "query images flagged" in out and "images selected" in out
     assert out.count('"top1"') == 2  # the two evals
     assert Path("runs/resnet50d_ssld-finetune/student.pt").is_file()
+    assert (
+        Path("runs/resnet50d_ssld/curves.png").is_file()
+        or importlib.util.find_spec("matplotlib") is None
+    )
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_config_comment_commands(config, workdir, capsys):
+def test_config_comment_commands(config, workdir, capsys, monkeypatch):
     """The example commands at the top of each recipe parse and validate as written (paths
-    mapped); demo_tiny's, on tiny data, also run (shortened)."""
+    mapped); demo_tiny's, on tiny data, also run (shortened; the digits at their native 8 px,
+    no curves.png: a second of matplotlib per run, drawn in test_readme_commands)."""
+    from ssld.train.metrics import RunLog
+
+    monkeypatch.setattr(RunLog, "plot", lambda self: None)
     lines = config_comment_lines(config)
     assert any(c.startswith("ssld ") for c in lines), f"{config.name}: no example command"
     run = config.stem == "demo_tiny"
@@ -348,7 +358,7 @@ def test_config_comment_commands(config, workdir, capsys):
         argv = substitute(argv[1:], CONFIG_SUBST)
         args = parse_and_validate(argv)
         if run:
-            quick = ["data.workers=0", "data.input_size=16"]
+            quick = ["data.workers=0", "data.input_size=8"]
             if args.command != "eval":  # 2 steps of 256 images (finetune: its 1 epoch)
                 quick += ["run.progress=false", "run.batch_size=256", "optim.steps=2"]
                 quick += ["finetune.epochs=1", "data.val=null"]
