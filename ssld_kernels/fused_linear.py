@@ -58,20 +58,23 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LABEL_DTYPES = (torch.int64, torch.int32)
 
-# Automatic chunk size (rows per chunk): start from Liger-Kernel's rule, a (chunk, V) logit
-# block about as large as the (N, H) hidden states (chunk ~ N*H/V), then keep at least
-# _MIN_ROWS rows (GEMM efficiency) and at most what keeps one float32 (chunk, V) block within
-# _CHUNK_BYTES (3 such blocks are live at once: both sides' logits and the gradient).
-_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
-_MIN_ROWS = {"cuda": 256, "cpu": 64}
+# Automatic chunk size (rows per chunk). Each chunk costs 4 GEMMs of c x H x V and one rank-c
+# update of the float32 (V, H) weight-gradient accumulator, a full read and write of it: the
+# update's share of the time is about (FLOP/s) / (bytes/s) / c, ~150/c on an H100/H200 (bf16
+# tensor cores vs HBM) and ~15/c on a 2-core AVX-512 CPU. Hence at least _MIN_ROWS rows, or
+# Liger-Kernel's ~N*H/V rows (a logit block the size of the hidden states) when larger, and at
+# most what keeps one float32 (chunk, V) block within _CHUNK_BYTES (3 such blocks are live at
+# once: both sides' logits and the logit gradient).
+_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 32 << 20}
+_MIN_ROWS = {"cuda": 1024, "cpu": 256}
 _ALIGN = {"cuda": 64, "cpu": 8}
 
 
 def auto_chunk_size(n_rows: int, hidden: int, vocab: int, device_type: str = "cpu") -> int:
     """Rows per chunk chosen by :func:`fused_linear_divergence` when ``chunk_size`` is None:
-    about N*H/V rows (a logit block the size of the hidden states), at least 64 on CPU / 256
-    on GPU, at most what keeps a float32 (chunk, V) block within 32 MiB on CPU / 256 MiB on
-    GPU, rounded down to a multiple of 8 / 64, and at most N."""
+    the larger of N*H/V and 256 on CPU / 1024 on GPU (amortising the weight-gradient
+    accumulator's pass per chunk), at most what keeps a float32 (chunk, V) block within
+    32 MiB on CPU / 1 GiB on GPU, rounded down to a multiple of 8 / 64, and at most N."""
     kind = "cuda" if device_type == "cuda" else "cpu"
     align, v = _ALIGN[kind], max(int(vocab), 1)
     rows = max(-(-int(n_rows) * int(hidden) // v), _MIN_ROWS[kind])
@@ -150,11 +153,12 @@ def _mm_f32_supported(device_type: str) -> bool:
 
 @functools.cache
 def _mm_out_dtype_available() -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` exists (half GEMMs with float32
-    outputs on CUDA, newer torch); probed once on meta tensors."""
+    """Whether ``torch.addmm(c, a, b, out_dtype=torch.float32, out=c)`` exists (half GEMMs
+    accumulating into float32 on CUDA, torch >= 2.8); probed once on meta tensors."""
     try:
         a = torch.empty((2, 2), dtype=torch.bfloat16, device="meta")
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        c = torch.empty((2, 2), dtype=torch.float32, device="meta")
+        return torch.addmm(c, a, a, out_dtype=torch.float32, out=c).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
@@ -233,8 +237,8 @@ def _fused_forward(
             if need_w:
                 if dt == acc:
                     gw.addmm_(g.t(), hs)
-                elif half_f32:
-                    gw.add_(torch.mm(g.t(), hs, out_dtype=acc))
+                elif half_f32:  # cuBLAS: half inputs, float32 accumulate into gw in place
+                    torch.addmm(gw, g.t(), hs, out_dtype=acc, out=gw)
                 else:  # each chunk's product rounded once to the half dtype, summed in float32
                     gw.add_(g.t() @ hs)
             if need_b:

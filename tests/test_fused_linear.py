@@ -469,14 +469,16 @@ def test_retain_graph_second_backward_raises_and_no_double_backward():
 
 
 def test_auto_chunk_size():
-    # Liger's rule (N*H/V rows), floored at 64 rows on CPU and bounded by 32 MiB fp32 blocks
-    assert auto_chunk_size(2048, 1024, 32000, "cpu") == 64
+    # max(N*H/V, 256 CPU / 1024 GPU) rows, bounded by 32 MiB / 1 GiB float32 (chunk, V) blocks
+    assert auto_chunk_size(2048, 1024, 32000, "cpu") == 256
     assert auto_chunk_size(65536, 4096, 32000, "cpu") == 256  # 32 MiB / (4 * 32000) -> 262
-    assert auto_chunk_size(8192, 4096, 128256, "cuda") == 256
+    assert auto_chunk_size(2048, 1024, 256000, "cpu") == 32  # the byte bound
+    assert auto_chunk_size(8192, 4096, 128256, "cuda") == 1024
+    assert auto_chunk_size(2**20, 4096, 32000, "cuda") == 8384  # 1 GiB / (4 * 32000) = 8388
     assert auto_chunk_size(10, 4096, 1000, "cuda") == 10  # at most N
     for n, h, v, dev in [(5000, 768, 50257, "cpu"), (10**6, 8192, 256000, "cuda")]:
         c = auto_chunk_size(n, h, v, dev)
-        assert 1 <= c <= n and c * v * 4 <= (256 << 20 if dev == "cuda" else 32 << 20)
+        assert 1 <= c <= n and c * v * 4 <= (1 << 30 if dev == "cuda" else 32 << 20)
 
 
 BAD = {
