@@ -1,12 +1,27 @@
-"""Turn bench/results/*.json into markdown tables (used for bench/README.md).
+"""Turn bench/results/*.json into markdown tables; render README.md's numbers from them.
 
 python bench/summarize.py bench/results/divergence-*.json
 python bench/summarize.py bench/results/match-*.json --plot   # + PNG of TOPS per provider
+python bench/summarize.py --write-readme    # README.md + bench/README.md generated blocks
+python bench/summarize.py --check-readme    # exit 1 if a generated block is out of date
+
+Every measured number in README.md and bench/README.md lives between
+``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` markers and is written here from a
+committed results file, which each block names with its device, versions, commit and date
+(``BLOCKS`` below). tests/test_readme_numbers.py checks the blocks are current and that no
+measured number appears outside them.
 """
 
+import contextlib
+import io
 import json
+import re
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
 
 
 def match_table(path, data):
@@ -172,8 +187,321 @@ def divergence_targets(targets):
     print()
 
 
+# ------------------------------------------------------------------ README generated blocks
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def _env(data: dict) -> dict:
+    return data.get("env") or data.get("meta") or {}
+
+
+def source_line(*paths: Path) -> str:
+    """'Source: file (device, versions, commit, date)' for each results file of a block."""
+    parts = []
+    for path in paths:
+        env = _env(_load(path))
+        bits = [env.get("device") or env.get("target")]
+        if env.get("ssld_cpu_isa"):
+            bits.append(f"cpu kernels {env['ssld_cpu_isa']}")
+        if env.get("torch"):
+            bits.append(f"torch {env['torch']}")
+        if env.get("triton"):
+            bits.append(f"triton {env['triton']}")
+        bits += [f"commit {env.get('git_sha')}", (env.get("time") or "")[:10]]
+        parts.append(f"`{_rel(path)}` ({', '.join(b for b in bits if b)})")
+    return "Source: " + "; ".join(parts) + "."
+
+
+def newest(pattern: str, where=None) -> Path:
+    """The newest results file (by its recorded time) matching ``pattern`` and ``where``."""
+    found = []
+    for path in RESULTS.glob(pattern):
+        data = _load(path)
+        if where is None or where(data):
+            found.append(((_env(data).get("time") or ""), path.name, path))
+    if not found:
+        raise FileNotFoundError(f"no results file bench/results/{pattern} for a README block")
+    return max(found)[2]
+
+
+def _is_cpu(data):
+    return _env(data).get("device", "").find("NVIDIA") < 0
+
+
+def _row(data, provider, mode, shape, dtype="float32"):
+    for r in data["results"]:
+        if (r.get("provider"), r.get("mode"), r.get("dtype")) == (provider, mode, dtype) and list(
+            r.get("shape", [])
+        ) == list(shape):
+            return r
+    return None
+
+
+def _ms(r):
+    if r is None or "median_ms" not in r:
+        return "-"
+    ms = r["median_ms"]
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
+
+
+def block_loss() -> str:
+    """README: the loss table (JSD forward+backward) from the GPU runs and the newest CPU run."""
+    gpu = [
+        (RESULTS / "divergence-H100-run1.json", "float32", "ssld-cuda", "cuda backend"),
+        (RESULTS / "divergence-H100-run2-bf16.json", "bfloat16", "ssld-triton", "triton backend"),
+    ]
+    cpu = newest(
+        "divergence-*.json",
+        lambda d: (
+            _is_cpu(d)
+            and d.get("benchmark") == "divergence"
+            and _env(d).get("hugepages") is not False
+        ),  # not an A/B run with the hint off
+    )
+    out = [
+        "| JSD, forward+backward | ssld | ssld fused | eager | torch.compile | Liger JSD |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path, dtype, prov, what in gpu:
+        d = _load(path)
+        dev = _env(d)["device"].replace("NVIDIA ", "").split(" ")[0]
+        sh = [8192, 32000]
+        r = _row(d, prov, "fwdbwd", sh, dtype)
+        gb = f" ({r['gbps']:.0f} GB/s)" if r and "gbps" in r else ""
+        out.append(
+            f"| {dev}, {dtype}, 8192x32000 ({what}, commit {_env(d)['git_sha']}) | {_ms(r)}{gb} "
+            f"| {_ms(_row(d, prov, 'fused', sh, dtype))} | {_ms(_row(d, 'eager', 'fwdbwd', sh, dtype))} "
+            f"| {_ms(_row(d, 'compile', 'fwdbwd', sh, dtype))} "
+            f"| {_ms(_row(d, 'liger', 'fwdbwd', sh, dtype))} |"
+        )
+    d = _load(cpu)
+    env = _env(d)
+    auto = (
+        "ssld-auto" if any(r.get("provider") == "ssld-auto" for r in d["results"]) else "ssld-cpu"
+    )
+    for sh in ([1024, 32000], [256, 1000]):
+        out.append(
+            f"| {env['device']}, float32, {sh[0]}x{sh[1]} (cpu backend, commit {env['git_sha']}) "
+            f"| {_ms(_row(d, auto, 'fwdbwd', sh))} | {_ms(_row(d, auto, 'fused', sh))} "
+            f"| {_ms(_row(d, 'eager', 'fwdbwd', sh))} | {_ms(_row(d, 'compile', 'fwdbwd', sh))} | - |"
+        )
+    lat = [
+        r
+        for r in d["results"]
+        if r.get("provider") == auto and r.get("mode", "").endswith("-latency") and "host_us" in r
+    ]
+    out.append("")
+    if lat:
+        cells = ", ".join(
+            f"{r['mode'].removesuffix('-latency')} {r['host_us']:.0f} us"
+            for r in lat
+            if r["dtype"] == "float32"
+        )
+        shape = "x".join(map(str, lat[0]["shape"]))
+        out.append(
+            f"Host time per call on the CPU at {shape} (float32, what a small GPU step pays "
+            f"besides its kernels): {cells}."
+        )
+        out.append("")
+    out.append(source_line(*(p for p, *_ in gpu), cpu))
+    return "\n".join(out)
+
+
+def block_match() -> str:
+    """README: the CPU matching sentence from the newest run that timed OpenCV and torch too."""
+    path = newest(
+        "match-*.json",
+        lambda d: _is_cpu(d) and any(r.get("provider") == "opencv-bf" for r in d["results"]),
+    )
+    d = _load(path)
+    rows = [dict(r, mode=r.get("mode", "knn")) for r in d["results"]]
+    knn = [
+        r for r in rows if r["mode"] == "knn" and r["provider"] == "ssld-cpu" and "median_ms" in r
+    ]
+    big = max(knn, key=lambda r: r["shape"][0] * r["shape"][1])
+    tops = (
+        2 * big["shape"][0] * big["shape"][1] * big["shape"][2] / (big["median_ms"] * 1e-3) / 1e12
+    )
+
+    def measured_ratios(provider):
+        xs = [
+            r["time_vs_ssld_best"]
+            for r in rows
+            if r["mode"] == "knn" and r["provider"] == provider and "skipped" not in r
+            and r.get("time_vs_ssld_best")
+        ]  # fmt: skip
+        return f"{min(xs):.1f}-{max(xs):.1f}x" if xs else "not measured"
+
+    n = big["shape"][0]
+    return (
+        f"On {_env(d)['device']} `match_knn` ran {n // 1000}k x {n // 1000}k (k = 2) in "
+        f"{big['median_ms'] / 1e3:.2f} s ({tops:.2f} TOPS), {measured_ratios('opencv-bf')} "
+        f"faster than OpenCV's BFMatcher and {measured_ratios('torch-cdist-topk')} faster than "
+        "`torch.cdist` + `topk` where those were timed (smaller shapes; the larger ones are "
+        "extrapolated in the file, not counted here).\n\n" + source_line(path)
+    )
+
+
+def block_demo() -> str:
+    path = newest("demo-*.json", lambda d: d.get("benchmark") == "demo")
+    d = _load(path)
+    res = d["results"]
+    from ssld.demo import table
+
+    return (
+        table(res, markdown=True)
+        + f"\n\nDedup on the demo's photo set: precision {res['dedup_precision']:.2f}, recall "
+        f"{res['dedup_recall']:.2f}. Seeds: {res['seeds']}; wall time {d['seconds'] / 60:.1f} "
+        "min.\n\n" + source_line(path)
+    )
+
+
+def block_ablation() -> str:
+    path = newest("demo-ablation-*.json")
+    d = _load(path)
+    res = d["results"]
+    out = ["| ablation | settings -> digits top-1 | paper's trend here |", "|---|---|---|"]
+    for name, r in res.items():
+        if not isinstance(r, dict) or "rows" not in r:
+            continue
+        cells = ", ".join(f"{x['value']}: {x['top1']:.1f} ± {x['top1_std']:.1f}" for x in r["rows"])
+        means = [x["top1"] for x in r["rows"]]
+        noise = max(x["top1_std"] for x in r["rows"])
+        verdict = "reproduced" if r["reproduced"] else "**not reproduced**"
+        if max(means) - min(means) < noise:
+            verdict += " (spread within the seed-to-seed std)"
+        out.append(f"| {name} ({r.get('what', '')}) | {cells} | {verdict} |")
+    out += ["", f"Seeds: {res['seeds']}; wall time {d['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(out) + source_line(path)
+
+
+def block_tables() -> str:
+    """bench/README.md: every divergence, match and loader results file, newest first."""
+    out = []
+    paths = sorted(
+        (p for p in RESULTS.glob("*.json") if _load(p).get("benchmark") in ("divergence", "match")),
+        key=lambda p: _env(_load(p)).get("time") or "",
+        reverse=True,
+    )
+    for path in paths:
+        out.append(render(path).rstrip())
+        out.append(source_line(path) + "\n")
+    return "\n\n".join(out)
+
+
+def block_loader() -> str:
+    path = newest("loader-*.json")
+    d = _load(path)
+    out = ["| loader | img/s | vs torch DataLoader |", "|---|---:|---:|"]
+    out += [
+        f"| {r['provider']} | {r['img_per_s']:.0f} | {r['vs_torch']:.2f}x |" for r in d["results"]
+    ]
+    out.append("")
+    out.append(
+        f"{d['images']} generated {d['jpeg']} JPEGs, {d['results'][0]['workers']} workers, batch "
+        f"{d['results'][0]['batch']}, RandomResizedCrop {d['results'][0]['input_size']}."
+    )
+    return "\n".join(out) + "\n\n" + source_line(path)
+
+
+def block_sass() -> str:
+    path = newest("triton-sass-*.json")
+    d = _load(path)
+    recs = [r for r in d["records"] if r.get("loops")]
+    out = [
+        "| kernel | dtype | MODE | block/warps | one chunk | regs | spills | SASS instructions "
+        "per element, per loop |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        loops = ", ".join(
+            f"{lp['name']} {lp['counts']['total'] / r['ept']:.1f}" for lp in r["loops"]
+        )
+        grad = " + grad" if r.get("write_grad_s") else ""
+        out.append(
+            f"| {r['kernel']}{grad} | {r['dtype']} | {r['mode']} | {r['block']}/{r['num_warps']} "
+            f"| {'yes' if r.get('single') else 'no'} | {r['regs']} "
+            f"| {r['spill_st'] + r['spill_ld']} | {loops} |"
+        )
+    meta = d["meta"]
+    return (
+        "\n".join(out) + f"\n\nTriton {meta['triton']}, {meta['ptxas']}, target {meta['target']}, "
+        f"n_cols {meta['n_cols']}.\n\n" + source_line(path)
+    )
+
+
+def render(path: Path) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        table(str(path))
+    return buf.getvalue()
+
+
+# (file, block name) -> renderer
+BLOCKS = {
+    ("README.md", "demo"): block_demo,
+    ("README.md", "ablation"): block_ablation,
+    ("README.md", "match"): block_match,
+    ("README.md", "loss"): block_loss,
+    ("bench/README.md", "loader"): block_loader,
+    ("bench/README.md", "sass"): block_sass,
+    ("bench/README.md", "tables"): block_tables,
+}
+MARK = re.compile(
+    r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S
+)
+
+
+def readme_blocks(text: str) -> list:
+    return [m.group("name") for m in MARK.finditer(text)]
+
+
+def rewrite(fname: str, text: str) -> str:
+    """``text`` with every generated block of ``fname`` rendered anew."""
+    names = readme_blocks(text)
+    for f, name in BLOCKS:
+        if f == fname and name not in names:
+            raise SystemExit(f"{fname}: no <!-- results:{name} --> block")
+    unknown = [n for n in names if (fname, n) not in BLOCKS]
+    if unknown:
+        raise SystemExit(f"{fname}: unknown results blocks {unknown}")
+
+    def sub(m):
+        body = BLOCKS[(fname, m.group("name"))]().rstrip() + "\n"
+        return m.group(1) + body + m.group(4)
+
+    return MARK.sub(sub, text)
+
+
+def write_readmes(check: bool) -> int:
+    stale = []
+    for fname in sorted({f for f, _ in BLOCKS}):
+        path = ROOT / fname
+        old = path.read_text()
+        new = rewrite(fname, old)
+        if new != old:
+            stale.append(fname)
+            if not check:
+                path.write_text(new)
+    if check and stale:
+        print(f"out of date: {', '.join(stale)}; run python bench/summarize.py --write-readme")
+        return 1
+    print(("up to date: " if check else "written: ") + ", ".join(sorted({f for f, _ in BLOCKS})))
+    return 0
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if "--write-readme" in args or "--check-readme" in args:
+        sys.path.insert(0, str(ROOT))
+        sys.exit(write_readmes(check="--check-readme" in args))
     plot = "--plot" in args
     for path in [a for a in args if a != "--plot"]:
         table(path)
