@@ -61,7 +61,7 @@ _LABEL_DTYPES = (torch.int64, torch.int32)
 # Automatic chunk size (rows per chunk). Each chunk costs 4 GEMMs of c x H x V and one rank-c
 # update of the float32 (V, H) weight-gradient accumulator, a full read and write of it: the
 # update's share of the time is about (FLOP/s) / (bytes/s) / c, ~150/c on an H100/H200 (bf16
-# tensor cores vs HBM) and ~15/c on a 2-core AVX-512 CPU. Hence at least _MIN_ROWS rows, or
+# tensor cores vs HBM) and ~15/c on a 2-core AVX2 CPU. Hence at least _MIN_ROWS rows, or
 # Liger-Kernel's ~N*H/V rows (a logit block the size of the hidden states) when larger, and at
 # most what keeps one float32 (chunk, V) block within _CHUNK_BYTES (3 such blocks are live at
 # once: both sides' logits and the logit gradient).
@@ -147,8 +147,12 @@ def _cross_entropy(z, labels, valid, row_weight, ce_weight, grad) -> Tensor:
     return rows
 
 
-def _mm_f32_supported(device_type: str) -> bool:
-    return device_type == "cuda" and _mm_out_dtype_available()
+def _mm_f32_supported(device: torch.device) -> bool:
+    """Half GEMMs may accumulate into the float32 weight gradient in place: CUDA, sm_80+ (as
+    Liger-Kernel requires for the same call), a torch with addmm's out_dtype."""
+    if device.type != "cuda" or not _mm_out_dtype_available():
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 @functools.cache
@@ -206,7 +210,7 @@ def _fused_forward(
     ws, wt = w_s.to(dt), w_t.to(opt.t_dtype)
     bs = None if b_s is None else b_s.to(dt)
     bt = None if b_t is None else b_t.to(opt.t_dtype)
-    half_f32 = dt != acc and _mm_f32_supported(dev.type)
+    half_f32 = dt != acc and _mm_f32_supported(dev)
     with torch.autocast(dev.type, enabled=False), torch.no_grad():
         for start in range(0, n, opt.chunk):
             stop = min(start + opt.chunk, n)
