@@ -315,8 +315,9 @@ def test_auto_uses_table(fake_gpu):
         assert _auto((torch.float16,) * 2, n_cols=4096) == "cuda"
         assert _auto(n_cols=None, mode="fused") == "cuda"
         assert resolve_backend(None, CUDA0, (FP32,), op="match") == "triton"  # its static order
+        # CPU tensors never use the (GPU) table: the CPU order, "cpu" when it is built
         cpu = resolve_backend(None, torch.device("cpu"), (BF16, BF16), n_cols=4096)
-        assert cpu in ("cpu", "torch")
+        assert cpu == _cpu_static()
         # float64 is never picked from the table (unsupported on GPU backends)
         assert _auto((torch.float64,) * 2, n_cols=4096) == "torch"
 
@@ -422,26 +423,93 @@ def test_divergence_passes_class_count_and_mode(monkeypatch):
     assert calls == [dict(n_cols=37, mode="fwdbwd"), dict(n_cols=37, mode="fused")]
 
 
+def _cpu_static():
+    """The static CPU order's pick: the C++ kernel when this machine built it, else torch."""
+    return "cpu" if _backends.backend_status("cpu")["cpu"][0] else "torch"
+
+
+@pytest.mark.parametrize("cpu_built", [True, False])
+def test_cpu_auto_order(monkeypatch, cpu_built):
+    """auto on CPU tensors: the C++ kernel for every dtype it supports (float64 included),
+    torch without it or for an op family without a cpu backend; never a GPU backend even
+    when they are available."""
+    real = _backends.backend_status
+
+    def status(device_type=None):
+        out = dict(real(device_type))
+        out["cpu"] = (cpu_built, "" if cpu_built else "not built here")
+        out["cuda"] = out["triton"] = (True, "")  # available, and never picked for CPU
+        return out
+
+    monkeypatch.setattr(_backends, "backend_status", status)
+    monkeypatch.delenv(_backends.ENV_VAR, raising=False)
+    _backends.clear_tune_cache()
+    try:
+        want = "cpu" if cpu_built else "torch"
+        cpu = torch.device("cpu")
+        for dtypes in [(FP32,), (BF16, FP32), (torch.float16,), (torch.float64,) * 2]:
+            for mode in ("fwdbwd", "fused"):
+                got = resolve_backend(None, cpu, dtypes, n_cols=1000, mode=mode)
+                assert got == want, (dtypes, mode)
+        monkeypatch.setitem(_backends.OP_BACKENDS, "divergence", ("torch", "triton"))
+        _backends.clear_tune_cache()
+        assert resolve_backend(None, cpu, (FP32,)) == "torch"  # no cpu backend for the op
+    finally:
+        _backends.clear_tune_cache()
+
+
 def test_resolve_backend_old_signature():
     cpu = torch.device("cpu")
-    assert resolve_backend(None, cpu, (FP32,)) in ("cpu", "torch")
+    assert resolve_backend(None, cpu, (FP32,)) == _cpu_static()
     assert resolve_backend("torch", cpu, (FP32,), "match") == "torch"
     with pytest.raises(ValueError, match="mode"):
         resolve_backend(None, cpu, (FP32,), n_cols=5, mode="fwd")
 
 
-def test_torch_compile_symbolic_class_count():
-    """A symbolic C (dynamic=True) reaches resolve_backend as "unknown": no failed constant
-    conversion in assume_constant_result, no specialisation on C."""
+def _compiled_resolution(device, dtype):
+    """f(s) = s * {triton: 2, cuda: 3, cpu: 5, torch: 7}[auto's pick for ``device``], compiled
+    with dynamic shapes (C symbolic), and the compile counter."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
     torch._dynamo.reset()
+    factors = {"triton": 2.0, "cuda": 3.0, "cpu": 5.0, "torch": 7.0}
 
     def f(s):
-        name = resolve_backend(None, s.device, (s.dtype,), n_cols=s.shape[-1], mode="fused")
-        return s * (2.0 if name in ("cpu", "torch") else 3.0)
+        name = resolve_backend(None, device, (s.dtype,), n_cols=s.shape[-1], mode="fused")
+        return s * factors[name]
 
-    fn = torch.compile(f, dynamic=True, fullgraph=True, backend="aot_eager")
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(f, dynamic=True, fullgraph=True, backend=counter)
+    return f, fn, counter, factors
+
+
+def test_torch_compile_symbolic_class_count_cpu():
+    """A symbolic C (dynamic=True) for CPU tensors: the CPU order, one graph for every C."""
+    f, fn, counter, factors = _compiled_resolution(torch.device("cpu"), FP32)
     for c in (17, 23):
-        torch.testing.assert_close(fn(torch.ones(4, c)), torch.full((4, c), 2.0))
+        want = torch.full((4, c), factors[_cpu_static()])
+        torch.testing.assert_close(fn(torch.ones(4, c)), want)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=torch._dynamo.exc.Unsupported,
+    reason="library bug: dynamo evaluates resolve_backend's guard `type(n_cols) is not int` "
+    "to False for a symbolic C (its type traces as int), so for CUDA tensors the SymInt "
+    "reaches the assume_constant_result function _resolve_static, which cannot convert it",
+)
+def test_torch_compile_symbolic_class_count(fake_gpu):
+    """A symbolic C (dynamic=True) reaches resolve_backend as "unknown": no failed constant
+    conversion in assume_constant_result, no specialisation on C, so the static order
+    ("cuda") where a concrete C gets the table's pick ("triton" for bfloat16 "fused")."""
+    tune.write_table(fake_gpu, _table())
+    f, fn, counter, factors = _compiled_resolution(CUDA0, BF16)  # no kernel is launched
+    for c in (17, 23):
+        x = torch.ones(4, c, dtype=BF16)
+        torch.testing.assert_close(f(x), x * factors["triton"])  # eager: the table
+        torch.testing.assert_close(fn(x), x * factors["cuda"])  # compiled: static order
+    assert counter.frame_count == 1  # one graph for both class counts
 
 
 def test_describe_reports_table(fake_gpu, monkeypatch):
