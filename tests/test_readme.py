@@ -25,6 +25,7 @@ import importlib.util
 import re
 import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -284,9 +285,18 @@ def _fixtures() -> dict:
     def sift(n):
         return torch.randint(0, 256, (n, 128), dtype=torch.uint8, generator=g)
 
+    n, v = 6, 10
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[1] = -100
     return {
-        "student_logits": torch.randn(6, 10, generator=g).requires_grad_(),
-        "teacher_logits": torch.randn(6, 10, generator=g),
+        "student_logits": torch.randn(n, v, generator=g).requires_grad_(),
+        "teacher_logits": torch.randn(n, v, generator=g),
+        "student_hidden": torch.randn(n, 8, generator=g).requires_grad_(),
+        "teacher_hidden": torch.randn(n, 12, generator=g),
+        "student_head": torch.nn.Linear(8, v, bias=False),
+        "teacher_head": torch.nn.Linear(12, v, bias=False).requires_grad_(False),
+        "labels": labels,
+        "shift_labels": labels,
         "queries": sift(40),
         "database": sift(70),
         "a_list": [sift(30), sift(25)],
@@ -294,7 +304,26 @@ def _fixtures() -> dict:
     }
 
 
-def test_readme_python_snippets():
+def _trl_stand_in(monkeypatch):
+    """Where TRL is not installed, a stand-in module with GKDTrainer's static loss slot, so that
+    the README's swap runs; the assignment must then replace it."""
+    if importlib.util.find_spec("trl") is not None:
+        return None
+    import types
+
+    class GKDTrainer:
+        @staticmethod
+        def generalized_jsd_loss(*args, **kwargs):
+            raise AssertionError("TRL's own loss was not replaced")
+
+    for name in ("trl", "trl.experimental", "trl.experimental.gkd"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["trl.experimental.gkd"].GKDTrainer = GKDTrainer
+    return GKDTrainer
+
+
+def test_readme_python_snippets(monkeypatch):
+    trainer = _trl_stand_in(monkeypatch)
     snippets = fenced_blocks(README.read_text(), "python")
     assert snippets, "README.md has no python blocks"
     ns = _fixtures()
@@ -311,6 +340,12 @@ def test_readme_python_snippets():
     assert torch.isfinite(ns["loss"]) and ns["student_logits"].grad is not None
     assert ns["dist2"].shape == ns["index"].shape == (40, 2)
     assert len(ns["matches"]) == len(ns["a_list"])
+    assert ns["student_hidden"].grad is not None and ns["student_head"].weight.grad is not None
+    if trainer is not None:  # the swap took: TRL's trainer now computes ssld's loss
+        from ssld_kernels.compat import generalized_jsd_loss
+
+        s, t = ns["student_logits"].detach(), ns["teacher_logits"]
+        assert torch.equal(trainer.generalized_jsd_loss(s, t), generalized_jsd_loss(s, t))
 
 
 def test_readme_commands(workdir, capsys):
