@@ -42,6 +42,9 @@ SPEC_NUMBERS = {
     "500 x 375": "a shape",
     ">= 0.90 x": "a target",
     ">= 1.5x": "a target",
+    "at least 10x less": "a target",
+    "within 1.2x of Liger": "a target",
+    "1.3x its speed": "a target",
 }
 
 
