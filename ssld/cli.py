@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ssld import __version__
+from ssld import __version__, _runtime
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,25 +79,11 @@ def _existing_file(text: str) -> str:
 
 
 def resolve_device(text: str, local_rank: int = 0):
-    """'auto' -> cuda:LOCAL_RANK when a GPU is visible, else cpu; anything else is checked."""
-    import torch
-
-    if text == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    """:func:`ssld._runtime.resolve_device`, a bad value reported as ``argument --device``."""
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise UsageError(f"argument --device: not a device: {text!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"argument --device: {text} requested but no CUDA device is visible")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-        if device.index >= torch.cuda.device_count():
-            raise UsageError(f"argument --device: {device} does not exist")
-    elif device.type != "cpu":
-        raise UsageError(f"argument --device: expected auto, cpu or cuda[:i], got {text!r}")
-    return device
+        return _runtime.resolve_device(text, local_rank)
+    except _runtime.DeviceError as e:
+        raise UsageError(f"argument --device: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -112,12 +98,11 @@ class _Launch:
 
 
 def _launch(args) -> _Launch:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    distributed = world > 1 and args.shard is None
-    shard = (rank, world) if distributed else (args.shard or (0, 1))
-    device = resolve_device(args.device, local_rank if distributed else 0)
-    return _Launch(distributed, world, rank, shard, device)
+    env = _runtime.process_env()
+    distributed = env.world > 1 and args.shard is None
+    shard = (env.rank, env.world) if distributed else (args.shard or (0, 1))
+    device = resolve_device(args.device, env.local_rank if distributed else 0)
+    return _Launch(distributed, env.world, env.rank, shard, device)
 
 
 def _rank0_after_all(launch: _Launch, summary: dict, write) -> None:

@@ -301,8 +301,6 @@ def validate(cfg: TrainConfig, stage: str = "train") -> TrainConfig:
         _validate_folders(cfg, ("train", "val", "unlabeled", "unlabeled_root"), ("train", "val"))
     _validate_cache(cfg)
     if cfg.data.loader == "dali" and not cfg.data.synthetic:
-        from ssld.data.dali import require_dali
-
         try:
             require_dali()
         except ImportError as e:
@@ -357,6 +355,21 @@ def _validate_cache(cfg: TrainConfig) -> None:
         raise ConfigError("data.teacher_cache is set but loss.kd_weight is 0 (no teacher)")
     if Path(d.teacher_cache).exists() and not Path(d.teacher_cache).is_dir():
         raise ConfigError(f"data.teacher_cache must be a folder: {d.teacher_cache}")
+
+
+def require_dali():
+    """Import NVIDIA DALI (``data.loader: dali``), or raise ImportError saying how to install
+    it. Here, not in :mod:`ssld.data.dali`, so that validating a configuration imports no
+    pipeline package."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.fn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
+            f"(or nvidia-dali-cuda130 for CUDA 13) ({e})"
+        ) from None
+    return nvidia.dali
 
 
 def finetune_config(cfg: TrainConfig) -> TrainConfig:

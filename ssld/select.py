@@ -33,7 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssld._io import atomic_write_text, progress_bar, pyplot
+from ssld._io import (
+    atomic_savez,
+    atomic_write_text,
+    list_images,
+    progress_bar,
+    pyplot,
+    read_list,
+)
+from ssld._resume import refuse_changed
 from ssld.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -170,19 +178,28 @@ def part_path(out: Path, i: int, n: int) -> Path:
     return out.with_name(f"{out.name}.part-{i}-of-{n}.npz")
 
 
-def _save_part(path: Path, table: ClassTopK | None, meta: dict, batches, failed, done) -> None:
+@dataclass
+class ShardState:
+    """What one shard's part file holds: the table so far (None until the first batch gives
+    the number of classes), the batches done and the ids of unreadable images."""
+
+    table: ClassTopK | None = None
+    batches_done: int = 0
+    failed: set[int] = field(default_factory=set)
+
+
+def _save_part(path: Path, meta: dict, state: ShardState, done: bool) -> None:
+    table = state.table
     arrays = table.state() if table is not None else {}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(
-        tmp,
+    atomic_savez(
+        path,
         meta=np.array(json.dumps(meta, sort_keys=True)),
-        batches_done=np.int64(batches),
-        failed=np.asarray(sorted(failed), np.int64),
+        batches_done=np.int64(state.batches_done),
+        failed=np.asarray(sorted(state.failed), np.int64),
         done=np.bool_(done),
         num_classes=np.int64(table.c if table is not None else -1),
         **arrays,
     )
-    os.replace(tmp, path)
 
 
 def _part_done(path: Path) -> bool:
@@ -198,6 +215,33 @@ def _load_part(path: Path) -> dict:
         d = {k: z[k] for k in z.files}
     d["meta"] = json.loads(str(d["meta"]))
     return d
+
+
+_META_NAMES = {  # run_select's meta keys: (what they are part of, how the user knows them)
+    "images": ("gallery", "the number of images"),
+    "first": ("gallery", "the first path"),
+    "last": ("gallery", "the last path"),
+    "teacher": ("teacher", "the teacher"),
+    "shards": ("setting", "the number of shards"),
+}
+
+
+def _describe_meta(key: str) -> tuple[str, str]:
+    return _META_NAMES.get(key) or ("setting", key.removeprefix("config."))
+
+
+def _resume_part(path: Path, meta: dict, cfg: SelectConfig, device) -> ShardState:
+    """The saved state of a part file, refused when it was written for other settings."""
+    saved = _load_part(path)
+    refuse_changed(
+        saved["meta"], meta, where=f"{path}", remedy="remove it or choose another output",
+        describe=_describe_meta,
+    )  # fmt: skip
+    state = ShardState(None, int(saved["batches_done"]), set(saved["failed"].tolist()))
+    if int(saved["num_classes"]) > 0:
+        state.table = ClassTopK(int(saved["num_classes"]), cfg.k, device, cfg.topm)
+        state.table.load(saved)
+    return state
 
 
 @dataclass
@@ -256,34 +300,31 @@ def run_select(
     }
     ppath = part_path(out, i_shard, n_shard)
     B = cfg.batch_size
-    n_batches = (len(paths) + B - 1) // B
-    mine = list(range(i_shard, n_batches, n_shard))
-    table, failed, done_batches = None, set(), 0
+    mine = list(range(i_shard, (len(paths) + B - 1) // B, n_shard))
+    state = ShardState()
     if ppath.exists():
-        state = _load_part(ppath)
-        if state["meta"] != json.loads(json.dumps(meta, sort_keys=True)):
-            raise ValueError(
-                f"{ppath} was written for another gallery, teacher or setting "
-                f"({state['meta']}); remove it or choose another output"
-            )
-        done_batches = int(state["batches_done"])
-        failed = set(state["failed"].tolist())
-        if int(state["num_classes"]) > 0:
-            table = ClassTopK(int(state["num_classes"]), cfg.k, device, cfg.topm)
-            table.load(state)
-        if bool(state["done"]):
+        state = _resume_part(ppath, meta, cfg, device)
+        if state.batches_done == len(mine):
             log(f"shard {i_shard}/{n_shard} already done")
-    todo = mine[done_batches:]
+    todo = mine[state.batches_done :]
     tp = Throughput()
     if todo:
-        table, failed, done_batches, tp = _infer(
-            teacher, paths, root, cfg, todo, table, failed, done_batches, device, workers,
-            progress, ppath, meta, max_batches, log,
-        )  # fmt: skip
+        ids = [i for b in todo for i in range(b * B, min(len(paths), (b + 1) * B))]
+        loader = _gallery_loader(paths, root, ids, cfg, device, workers)
+        model = prepare_teacher(teacher, cfg, device)
+        bar = progress_bar(len(ids), progress, "select", "img", smoothing=0.05)
+        try:
+            tp = classify(
+                model, loader, cfg, device, state, bar=bar, max_batches=max_batches,
+                checkpoint=lambda: _save_part(ppath, meta, state, done=False),
+            )  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.close()
         log(tp.line())
-    finished = done_batches == len(mine)
+    finished = state.batches_done == len(mine)
     if finished:
-        _save_part(ppath, table, meta, done_batches, failed, True)
+        _save_part(ppath, meta, state, done=True)
     summary = {"shard": list(shard), "finished": finished, "throughput": asdict(tp)}
     parts = [part_path(out, i, n_shard) for i in range(n_shard)]
     all_done = finished and all(_part_done(p) for p in parts)
@@ -296,35 +337,18 @@ def run_select(
     return summary
 
 
-def _infer(
-    teacher, paths, root, cfg, todo, table, failed, done_batches, device, workers, progress,
-    ppath, meta, max_batches, log,
-):  # fmt: skip
-    B = cfg.batch_size
-    ids = [i for b in todo for i in range(b * B, min(len(paths), (b + 1) * B))]
+def _gallery_loader(paths, root, ids: list[int], cfg: SelectConfig, device, workers: int):
+    """DataLoader of ``(uint8 images, ids, ok)`` batches of the gallery images ``ids``."""
     ds = ImageList([paths[i] for i in ids], root, cfg.transform, indices=ids)
-    loader = torch.utils.data.DataLoader(
+    return torch.utils.data.DataLoader(
         ds,
-        batch_size=B,
+        batch_size=cfg.batch_size,
         shuffle=False,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
         **worker_options(workers),
     )
-    model = prepare_teacher(teacher, cfg, device)
-    bar = progress_bar(len(ids), progress, "select", "img", smoothing=0.05)
-    state = {"table": table, "done_batches": done_batches}
-
-    def checkpoint():
-        _save_part(ppath, state["table"], meta, state["done_batches"], failed, False)
-
-    try:
-        tp = consume(model, loader, cfg, device, state, failed, bar, checkpoint, max_batches)
-    finally:
-        if bar is not None:
-            bar.close()
-    return state["table"], failed, state["done_batches"], tp
 
 
 def prepare_teacher(teacher: nn.Module, cfg: SelectConfig, device) -> nn.Module:
@@ -344,7 +368,23 @@ def prepare_teacher(teacher: nn.Module, cfg: SelectConfig, device) -> nn.Module:
 def consume(
     model, batches, cfg, device, state, failed, bar=None, checkpoint=None, max_batches=None
 ) -> Throughput:
-    """The hot loop: classify ``(uint8 images, ids, ok)`` batches into ``state["table"]``.
+    """:func:`classify` for callers that keep the state in a dict (``"table"``,
+    ``"done_batches"``, updated in place) and a set of failed ids (bench/bench_select.py)."""
+    st = ShardState(state["table"], state["done_batches"], failed)
+    try:
+        return classify(
+            model, batches, cfg, device, st, bar=bar, checkpoint=checkpoint,
+            max_batches=max_batches,
+        )  # fmt: skip
+    finally:
+        state["table"], state["done_batches"] = st.table, st.batches_done
+
+
+def classify(
+    model, batches, cfg: SelectConfig, device, state: ShardState, *, bar=None, checkpoint=None,
+    max_batches: int | None = None,
+) -> Throughput:  # fmt: skip
+    """The hot loop: classify ``(uint8 images, ids, ok)`` batches into ``state.table``.
 
     No host synchronisation per batch: shapes are checked from metadata, unreadable ids come
     from the host-side ``ok`` mask, GPU time is measured with CUDA events read at the end.
@@ -382,9 +422,9 @@ def consume(
             raise ValueError(
                 f"the teacher returned {logits.shape[0]} rows for {len(batch_ids)} images"
             )
-        table = state["table"]
+        table = state.table
         if table is None:
-            table = state["table"] = ClassTopK(logits.shape[1], cfg.k, device, cfg.topm)
+            table = state.table = ClassTopK(logits.shape[1], cfg.k, device, cfg.topm)
         elif logits.shape[1] != table.c:
             raise ValueError(f"the teacher returned {logits.shape[1]} classes, not {table.c}")
         with torch.inference_mode():
@@ -404,8 +444,8 @@ def consume(
             tp.compute += time.perf_counter() - t1
         bad = batch_ids[~ok]
         if len(bad):
-            failed.update(bad.tolist())
-        state["done_batches"] += 1
+            state.failed.update(bad.tolist())
+        state.batches_done += 1
         processed += 1
         tp.images += len(batch_ids)
         if bar is not None:
@@ -509,9 +549,8 @@ def write_selection(out: Path, paths, state, failed, k: int, topm: int) -> dict:
             lines.append(f"{c},0,,,,,")
     atomic_write_text(out.with_name(out.name + ".classes.csv"), "\n".join(lines) + "\n")
     if topm:
-        tmp = out.with_name(f"{out.name}.topm.{os.getpid()}.tmp.npz")
-        np.savez(tmp, prob=state["top_val"][keep], cls=state["top_cls"][keep])
-        os.replace(tmp, out.with_name(out.name + ".topm.npz"))
+        topm_path = out.with_name(out.name + ".topm.npz")
+        atomic_savez(topm_path, prob=state["top_val"][keep], cls=state["top_cls"][keep])
     hist = _histogram(out, scores[keep])
     per_class = keep.sum(1)
     return {
@@ -541,9 +580,6 @@ def _histogram(out: Path, scores) -> str | None:
 
 def gallery_paths(gallery: str | os.PathLike, root=None) -> tuple[list[str], Path]:
     """(sorted unique relative paths, root) of a gallery folder or a text list of paths."""
-    from ssld.data import read_list
-    from ssld.dedup.extract import list_images
-
     gallery = Path(gallery)
     if gallery.is_dir():
         return list_images(gallery), gallery if root is None else Path(root)
@@ -561,8 +597,6 @@ def apply_exclusions(paths: list[str], exclude=(), keep=()) -> tuple[list[str], 
     not list is dropped), or a plain list of paths to drop. ``keep`` files: plain lists of
     the paths to keep.
     """
-    from ssld.data import read_list
-
     allowed = None
     drop = set()
     for f in exclude:

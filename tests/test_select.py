@@ -193,7 +193,7 @@ def test_resume_after_stop_is_identical(gallery, tmp_path):
     assert not s["finished"]
     run_select(_teacher(), paths, root, out, _cfg(), progress=False, log=None)
     assert out.read_text() == ref.read_text()
-    with pytest.raises(ValueError, match="another gallery, teacher or setting"):
+    with pytest.raises(ValueError, match=r"another setting \(topm: saved 0, now 2\); remove it"):
         run_select(_teacher(), paths, root, out, _cfg(topm=2), progress=False, log=None)
 
 

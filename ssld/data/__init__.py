@@ -8,12 +8,15 @@ channels-last tensor on the device. An unreadable image becomes a zero image wit
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ssld._io import opencv_fork_safe, read_rgb
+from ssld._io import read_bgr as read_bgr  # importable from here as before
+from ssld._io import read_list as read_list
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,28 +59,6 @@ class EvalTransform:
         rgb = cv2.resize(rgb, (nw, nh), interpolation=interp)
         y, x = (nh - size) // 2, (nw - size) // 2
         return rgb[y : y + size, x : x + size]
-
-
-def read_bgr(path: str | os.PathLike) -> np.ndarray | None:
-    """HWC uint8 BGR (OpenCV's order, EXIF orientation applied), or None when the file cannot
-    be decoded (OpenCV raises instead of returning None for some files, e.g. headers claiming
-    more than 2^30 pixels: those count as undecodable too)."""
-    import cv2
-
-    try:
-        return cv2.imread(str(path), cv2.IMREAD_COLOR)
-    except cv2.error:
-        return None
-
-
-def read_rgb(path: str | os.PathLike) -> np.ndarray | None:
-    """HWC uint8 RGB, or None when the file cannot be decoded."""
-    import cv2
-
-    img = read_bgr(path)
-    if img is None:
-        return None
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def load_chw(path, transform, size: int) -> tuple[torch.Tensor, bool]:
@@ -134,20 +115,6 @@ class Normalize(torch.nn.Module):
         return torch.addcmul(self.shift, x, self.scale)
 
 
-def opencv_fork_safe() -> None:
-    """Stop OpenCV's thread pool in this process before it forks workers.
-
-    The pool's threads are not copied by fork, but its state is: a forked child that calls
-    ``cv2.setNumThreads`` or runs a parallel OpenCV function waits forever for them. So any
-    process that has run OpenCV in parallel (a large resize, a fallback decode) would hang
-    its next DataLoader / process pool. The processes that fork keep OpenCV to one thread:
-    their own OpenCV work is light, the workers do the decoding.
-    """
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def worker_options(workers: int) -> dict:
     """DataLoader arguments for ``workers`` worker processes (``worker_init``), making this
     process safe to fork first (:func:`opencv_fork_safe`)."""
@@ -163,9 +130,3 @@ def worker_init(_worker_id: int) -> None:
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-
-
-def read_list(path: str | os.PathLike) -> list[str]:
-    """Non-empty, non-comment lines of a text file of image paths."""
-    lines = Path(path).read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]

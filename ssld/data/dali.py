@@ -13,8 +13,9 @@ read from the file header (:mod:`ssld.data.imagesize`), and handed to DALI as th
 decode. So exact resume, crop replay and the teacher-output cache work unchanged, and the
 pixels differ from the OpenCV path only by decoder and interpolation rounding.
 
-Batches: ``(uint8 (N, 3, S, S) on the device, labels, ok, indices[, filled, probs, ids])``
-like the DataLoader's. Files are read, and headers parsed, by DALI's parallel external
+Batches: :class:`~ssld.data.train.Batch` (uint8 (N, 3, S, S) images on the device, labels,
+ok, indices), or :class:`~ssld.data.train.CachedBatch` with the cached teacher rows, like
+the DataLoader's. Files are read, and headers parsed, by DALI's parallel external
 source (``workers // 4`` spawned processes, at least one). Files DALI would refuse or that
 cannot be sized from the header (other formats, odd headers, JPEGs cut before their end
 marker, which OpenCV decodes partially) are decoded there with OpenCV and handed over as
@@ -34,26 +35,14 @@ import warnings
 import numpy as np
 import torch
 
-from ssld.data import read_bgr
+from ssld._io import read_bgr
+from ssld.config import require_dali
 from ssld.data.imagesize import image_size, jpeg_complete
-from ssld.data.train import ResumableSampler, TrainSet
+from ssld.data.train import Batch, CachedBatch, ResumableSampler, TeacherRows, TrainSet
 
 DECODE_CHOICES = ("auto", "gpu", "cpu")
 _PLACEHOLDER_SIZE = 8
 MAX_PIXELS = 1 << 30  # OpenCV's CV_IO_MAX_IMAGE_PIXELS: larger claims count as bad files
-
-
-def require_dali():
-    """Import DALI, or raise ImportError saying how to install it."""
-    try:
-        import nvidia.dali  # noqa: F401
-        import nvidia.dali.fn  # noqa: F401
-    except ImportError as e:
-        raise ImportError(
-            "data.loader=dali needs NVIDIA DALI: pip install nvidia-dali-cuda120 "
-            f"(or nvidia-dali-cuda130 for CUDA 13) ({e})"
-        ) from None
-    return nvidia.dali
 
 
 def _placeholder() -> np.ndarray:
@@ -284,9 +273,11 @@ class DaliLoader:
                 pipe = self._build(epoch, start, skip=b + 1) if b + 1 < n else None
             idx = torch.tensor(chunk, dtype=torch.int64)
             labels = torch.tensor([labels_all[i] for i in chunk], dtype=torch.int64)
-            batch = (imgs, labels, ok, idx)
-            if self.dataset.cache is not None:
-                batch += self._cache_rows(chunk, self.dataset.view(epoch))
+            if self.dataset.cache is None:
+                batch = Batch(imgs, labels, ok, idx)
+            else:
+                rows = self._cache_rows(chunk, self.dataset.view(epoch))
+                batch = CachedBatch(imgs, labels, ok, idx, rows)
             b += 1
             yield batch
         if pipe is not None:  # consume the end of the epoch, so the next one can start
@@ -297,7 +288,10 @@ class DaliLoader:
                 pipe.reset()
             self._next = (epoch + 1, 0)
 
-    def _cache_rows(self, chunk, view):
+    def _cache_rows(self, chunk, view) -> TeacherRows:
         rows = [self.dataset.cache.read(i, view) for i in chunk]
-        filled = torch.tensor([r[0] for r in rows], dtype=torch.bool)
-        return filled, torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows])
+        return TeacherRows(
+            torch.tensor([r.filled for r in rows], dtype=torch.bool),
+            torch.stack([r.probs for r in rows]),
+            torch.stack([r.ids for r in rows]),
+        )

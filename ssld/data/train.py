@@ -14,12 +14,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from ssld.data import load_chw, read_list
-from ssld.dedup.extract import IMAGE_EXTENSIONS
+from ssld._io import is_image, list_images, read_list
+from ssld.data import load_chw
 
 
 def class_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
@@ -31,7 +32,7 @@ def class_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, in
     items = []
     for label, name in enumerate(classes):
         for p in sorted((root / name).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+            if is_image(p):
                 items.append((p.relative_to(root).as_posix(), label))
     if not items:
         raise ValueError(f"{root} holds no images")
@@ -41,8 +42,6 @@ def class_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, in
 def unlabeled_list(path: str | os.PathLike, root=None) -> tuple[Path, list[str]]:
     """(root, relative paths) of U: an `ssld select` CSV (column ``path``), a text list of
     paths, or a folder of images."""
-    from ssld.dedup.extract import list_images
-
     path = Path(path)
     if path.is_dir():
         return (Path(root) if root else path), list_images(path)
@@ -104,10 +103,44 @@ class TrainTransform:
         return out[:, ::-1] if flip else out
 
 
+class TeacherRows(NamedTuple):
+    """Cached teacher rows (:mod:`ssld.train.teacher_cache`): of one item's view, or of a
+    batch (stacked); ``probs``/``ids`` are zeros where not ``filled``."""
+
+    filled: bool | torch.Tensor  # bool, or bool (N,)
+    probs: torch.Tensor  # (m,) or (N, m) in the cache dtype, top-m decreasing
+    ids: torch.Tensor  # int32, their class ids
+
+
+class Batch(NamedTuple):
+    """One item of a :class:`TrainSet` (or synthetic data), or a batch of them: a
+    DataLoader collates these into a Batch of tensors."""
+
+    images: torch.Tensor  # uint8 (3, S, S), or (N, 3, S, S)
+    labels: int | torch.Tensor  # class, -1 for U
+    ok: bool | torch.Tensor  # False: an unreadable file (zero image, masked out of the loss)
+    index: int | torch.Tensor | None  # position in the TrainSet (None: synthetic data)
+
+    @property
+    def cached(self) -> TeacherRows | None:
+        """No cached teacher rows (see :class:`CachedBatch`)."""
+        return None
+
+
+class CachedBatch(NamedTuple):
+    """A :class:`Batch` with the cached teacher rows of its items (a teacher cache is on)."""
+
+    images: torch.Tensor
+    labels: int | torch.Tensor
+    ok: bool | torch.Tensor
+    index: int | torch.Tensor
+    cached: TeacherRows
+
+
 class TrainSet(torch.utils.data.Dataset):
-    """T ∪ U: items ``(uint8 (3, S, S), label (-1 for U), ok, index)`` for keys
-    ``(index, epoch)``; with a teacher cache reader also ``(filled, probs, class ids)``, the
-    cached teacher row of the item's view (zeros where not filled), read in the worker.
+    """T ∪ U: a :class:`Batch` item (image uint8 (3, S, S), label (-1 for U), ok, index) for
+    keys ``(index, epoch)``; with a teacher cache reader a :class:`CachedBatch`, whose
+    ``cached`` rows (of the item's view) are read in the worker.
 
     An unreadable file gives a zero image with ok=False (the loss masks it out), so a broken
     file never stops a 360-epoch run. ``replay = R >= 1`` makes epoch e use the crop/flip of
@@ -129,7 +162,7 @@ class TrainSet(torch.utils.data.Dataset):
             self.source += [s] * len(paths)
         self.transform = transform
         self.replay = replay
-        self.cache = cache  # an object with read(index, view) -> (filled, probs, ids), or None
+        self.cache = cache  # an object with read(index, view) -> TeacherRows, or None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -150,10 +183,11 @@ class TrainSet(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key
         img, ok = self.image(index, epoch)
-        item = (img, self.labels[index], ok, index)
-        if self.cache is not None:
-            item += tuple(self.cache.read(index, self.view(epoch)))
-        return item
+        if self.cache is None:
+            return Batch(img, self.labels[index], ok, index)
+        return CachedBatch(
+            img, self.labels[index], ok, index, self.cache.read(index, self.view(epoch))
+        )
 
 
 class ResumableSampler(torch.utils.data.Sampler):

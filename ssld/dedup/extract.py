@@ -36,9 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ssld._io import atomic_write_lines, atomic_write_text, progress_bar
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+from ssld._io import (
+    atomic_savez,
+    atomic_write_lines,
+    atomic_write_text,
+    list_images,
+    opencv_fork_safe,
+    progress_bar,
+    read_bgr,
+)
+from ssld._resume import refuse_changed
 
 
 @dataclass(frozen=True)
@@ -54,18 +61,6 @@ class ExtractConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def list_images(root: str | os.PathLike) -> list[str]:
-    """Image files below ``root`` as sorted POSIX paths relative to it."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    return sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-    )
 
 
 def _sift():
@@ -113,8 +108,6 @@ def describe(image_bgr: np.ndarray, cfg: ExtractConfig, sift=None):
 def _describe_file(args):
     path, cfg = args
     import cv2
-
-    from ssld.data import read_bgr
 
     image = read_bgr(path)
     if image is None:
@@ -177,8 +170,6 @@ def extract(
     bar = progress_bar(sum(len(shard_range(s)) for s in todo), progress, "sift", "img", leave=False)
     pool = None
     if workers > 0:
-        from ssld.data import opencv_fork_safe
-
         opencv_fork_safe()
         pool = ProcessPoolExecutor(workers)
     written = extracted = 0
@@ -244,11 +235,9 @@ def _update_image_list(out: Path, current: list[str], cfg: ExtractConfig) -> lis
     images = current
     if mpath.exists():
         old = json.loads(mpath.read_text())
-        if old.get("config") != config:
-            raise ValueError(
-                f"{out} holds features of another configuration ({old.get('config')}); "
-                "use a new output folder"
-            )
+        refuse_changed(
+            old.get("config") or {}, config, where=f"{out}", remedy="use a new output folder"
+        )
         images = ipath.read_text().splitlines() if ipath.exists() else []
         if len(images) != old.get("images"):
             raise ValueError(f"{ipath} does not match {mpath}: the folder is damaged")
@@ -276,9 +265,8 @@ def _write_shard(path, idx, results, bar):
             image.append(i)
             flipped.append(is_flip)
             size.append(hw)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(
-        tmp,
+    atomic_savez(
+        path,
         desc=np.concatenate(desc) if desc else np.zeros((0, 128), np.uint8),
         kpts=np.concatenate(kpts) if kpts else np.zeros((0, 4), np.float32),
         offsets=np.asarray(offsets, np.int64),
@@ -288,7 +276,6 @@ def _write_shard(path, idx, results, bar):
         failed=np.asarray(bad, np.int64),
         stop=np.int64(idx.stop),
     )
-    os.replace(tmp, path)
 
 
 def load_features(out: str | os.PathLike, shards: Iterable[int] | None = None) -> dict:

@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssld._io import atomic_write_json, atomic_write_lines
+from ssld._io import atomic_savez, atomic_write_json, atomic_write_lines, list_images, read_bgr
+from ssld._resume import refuse_changed
 from ssld.dedup import shortlist as sl
 from ssld.dedup.extract import (
     ExtractConfig,
     extract,
     failed_images,
-    list_images,
     load_features,
     num_shards,
 )
@@ -101,6 +101,25 @@ class _Timer:
             atomic_write_json(self.dir / f"{tag}-{os.getpid()}-{time.time_ns()}.json", self.records)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What the stages of one :func:`run_dedup` call share: the inputs, the output folder,
+    the settings and where the work runs."""
+
+    query: Path
+    reference: Path
+    out: Path
+    cfg: DedupConfig
+    device: torch.device
+    backend: str | None
+    embeddings: tuple | None  # (query.npy, reference.npy) of shortlist="embeddings"
+    timer: _Timer
+
+    @property
+    def work(self) -> Path:
+        return self.out / "work"
+
+
 def _params(cfg: DedupConfig, embeddings) -> dict:
     p = asdict(cfg)
     p["verify"].pop("min_inliers")  # applied when the report is written: may change
@@ -129,19 +148,23 @@ def _load_embeddings(path, folder, images: list[str], name: str) -> torch.Tensor
 
 
 class _Shortlister:
-    """Candidate reference *images* for each query entry."""
+    """Candidate reference *images* for each query entry (``q_images``: the query images in
+    the feature store's order)."""
 
-    def __init__(self, cfg, ref: Features, work: Path, device, backend, embeddings, folders, tm):
-        self.cfg, self.ref, self.device, self.backend = cfg, ref, device, backend
+    def __init__(self, job: _Job, ref: Features, q_images: list[str]):
+        cfg, device, tm = job.cfg, job.device, job.timer
+        self.cfg, self.ref, self.device, self.backend = cfg, ref, device, job.backend
         self.n_ref_images = len(ref.images)
         if cfg.shortlist == "exhaustive":
             return
         if cfg.shortlist == "embeddings":
-            self.q_emb = _load_embeddings(embeddings[0], folders[0], folders[2], "query_embeddings")
+            q_npy, r_npy = job.embeddings
+            self.q_emb = _load_embeddings(q_npy, job.query, q_images, "query_embeddings")
             self.r_emb = _load_embeddings(
-                embeddings[1], folders[1], ref.images, "reference_embeddings"
+                r_npy, job.reference, ref.images, "reference_embeddings"
             ).to(device)
             return
+        work = job.work
         path = work / "codebook.npz"
         ref_feats = {"desc": ref.desc.cpu().numpy(), "offsets": ref.offsets}
         if path.exists():
@@ -238,14 +261,12 @@ def run_dedup(
     params = _params(cfg, embeddings)
     ppath = work / "params.json"
     if ppath.exists():
-        old = json.loads(ppath.read_text())
-        if old != json.loads(json.dumps(params, sort_keys=True)):
-            raise ValueError(
-                f"{out} holds results of another configuration (see {ppath}); use a new --out"
-            )
+        remedy = "use a new --out, or the same settings"
+        refuse_changed(json.loads(ppath.read_text()), params, where=f"{out}", remedy=remedy)
     else:
         atomic_write_json(ppath, params)
     tm = _Timer(work, device)
+    job = _Job(query, reference, out, cfg, device, backend, embeddings, tm)
 
     t0 = time.time()
     rs = extract(
@@ -273,10 +294,9 @@ def run_dedup(
     if todo:
         ref = Features(load_features(out / "features" / "reference"), device)
         q_images = (out / "features" / "query" / "images.txt").read_text().splitlines()
-        folders = (query, reference, q_images)
-        shortlister = _Shortlister(cfg, ref, work, device, backend, embeddings, folders, tm)
+        shortlister = _Shortlister(job, ref, q_images)
         for s in todo:
-            _verify_shard(out, work, s, ref, shortlister, cfg, backend, device, tm)
+            _verify_shard(job, s, ref, shortlister)
     tm.save(f"shard{i_shard}of{n_shard}")
     done = sum(_verify_path(work, s).exists() for s in range(qs["shards"]))
     summary = {"query_shards": qs["shards"], "verified_shards": done, "written": False}
@@ -288,18 +308,18 @@ def run_dedup(
     return summary
 
 
-def _verify_shard(out, work, s, ref, shortlister, cfg, backend, device, tm):
-    q = Features(load_features(out / "features" / "query", shards=[s]), device)
-    pairs = shortlister.candidates(q, tm)
+def _verify_shard(job: _Job, s: int, ref: Features, shortlister: _Shortlister) -> None:
+    """Verify the candidates of query feature shard ``s``; results in work/verify-s.npz."""
+    q = Features(load_features(job.out / "features" / "query", shards=[s]), job.device)
+    pairs = shortlister.candidates(q, job.timer)
     t0 = time.time()
-    matches, inliers = verify(q, ref, pairs, cfg.verify, backend)
-    tm("verify", len(pairs), t0)
+    matches, inliers = verify(q, ref, pairs, job.cfg.verify, job.backend)
+    job.timer("verify", len(pairs), t0)
     q_img = q.image[pairs[:, 0]] if len(pairs) else np.zeros(0, np.int64)
     r_img = ref.image[pairs[:, 1]] if len(pairs) else np.zeros(0, np.int64)
     flipped = q.flipped[pairs[:, 0]] if len(pairs) else np.zeros(0, bool)
-    tmp = work / f"verify-{s:05d}.{os.getpid()}.tmp.npz"
-    np.savez(
-        tmp,
+    atomic_savez(
+        _verify_path(job.work, s),
         query=q_img,
         reference=r_img,
         flipped=flipped,
@@ -308,7 +328,6 @@ def _verify_shard(out, work, s, ref, shortlister, cfg, backend, device, tm):
         query_entries=np.int64(len(q)),
         query_images=np.int64(len(np.unique(q.image))),
     )
-    os.replace(tmp, _verify_path(work, s))
 
 
 def _best_per_pair(rows: dict) -> dict:
@@ -435,8 +454,6 @@ def _shards_of(folder: Path, images) -> dict:
 
 def _read_scaled(path: Path, max_side: int, flip: bool):
     import cv2
-
-    from ssld.data import read_bgr
 
     img = read_bgr(path)
     if img is None:

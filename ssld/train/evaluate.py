@@ -62,6 +62,13 @@ def autocast_dtype(amp: str, device: torch.device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
 
+def autocast(device: torch.device, amp_dtype) -> torch.autocast:
+    """The autocast context of :func:`autocast_dtype`'s result (disabled for None)."""
+    return torch.autocast(
+        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -90,9 +97,7 @@ def evaluate(
     model.eval()
     counts = torch.zeros(3, device=device)
     labels = val.labels.to(device)
-    amp = torch.autocast(
-        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
-    )
+    amp = autocast(device, amp_dtype)
     for imgs, ids, ok in loader:
         with amp:
             logits = model(normalize(imgs))

@@ -12,7 +12,8 @@ folder ``data.teacher_cache`` holds, as numpy ``.npy`` files opened as memmaps::
     meta.json   what the cache was built for: teacher (spec, kwargs, sha256 of the weights),
                 dataset (size, sha256 of the relative path list), transform (input size,
                 crop scale, flip, seed, R, normalisation) and format (m, dtype, T, classes).
-                A cache built for anything else is refused with a ConfigError.
+                A cache built for anything else is refused (``SettingsChanged``, naming
+                the setting); a damaged one raises ``CacheError``.
 
 N = len(trainset). Rows are written by the process that trained on them (DDP samplers are
 disjoint, so ranks write disjoint rows of the shared files: one node, or a file system with
@@ -47,10 +48,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssld.config import ConfigError
+from ssld._resume import refuse_changed
+from ssld.data.train import TeacherRows
 
 FILES = ("probs.npy", "index.npy", "filled.npy")
 VERSION = 1
+
+
+class CacheError(ValueError):
+    """A cache folder whose files are missing or damaged."""
 
 
 def _sha256_file(path) -> str:
@@ -119,23 +125,21 @@ _KEYS = {  # meta key -> config key, for the error message
 }
 
 
-def _mismatch(old: dict, new: dict) -> str | None:
-    if old.get("version") != new["version"]:
-        return f"another format version ({old.get('version')!r}, now {new['version']!r})"
-    for sec in ("teacher", "dataset", "transform", "format"):
-        o, n = old.get(sec) or {}, new[sec]
-        for k in n:
-            if o.get(k) != n[k]:
-                key = _KEYS.get((sec, k)) or f"{'teacher' if sec == 'teacher' else 'data'}.{k}"
-                ov, nv = o.get(k), n[k]
-                if isinstance(nv, str) and len(nv) == 64:  # digests: short form
-                    ov, nv = str(ov)[:12], nv[:12]
-                return f"another {sec} ({key}: cached {ov!r}, now {nv!r})"
-    return None
+def _describe(key: str) -> tuple[str, str]:
+    """(section, setting) of a meta key, e.g. ``transform.min_scale`` -> the transform,
+    ``data.min_scale``: the names of the error message."""
+    if key == "version":
+        return "format version", "version"
+    sec, _, k = key.partition(".")
+    return sec, _KEYS.get((sec, k)) or f"{'teacher' if sec == 'teacher' else 'data'}.{k}"
+
+
+def _identity(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if k != "info"}
 
 
 class CacheReader:
-    """Read-only view for DataLoader workers: ``read(index, view)`` -> (filled, probs, ids).
+    """Read-only view for DataLoader workers: ``read(index, view)`` -> :class:`TeacherRows`.
 
     Opens the memmaps lazily in each process (and drops them when pickled), so workers
     started by fork or spawn map the files themselves and see rows written by the trainer.
@@ -155,14 +159,15 @@ class CacheReader:
             self._maps = tuple(np.load(self.folder / f, mmap_mode="r") for f in FILES)
         return self._maps
 
-    def read(self, index: int, view: int):
+    def read(self, index: int, view: int) -> TeacherRows:
         probs, ids, filled = self._open()
         if filled[index, view]:
             p = torch.from_numpy(np.array(probs[index, view]))
             i = torch.from_numpy(np.array(ids[index, view]))
-            return True, p, i
+            return TeacherRows(True, p, i)
         m = self.topm
-        return False, torch.from_numpy(np.zeros(m, self.dtype)), torch.zeros(m, dtype=torch.int32)
+        zeros = torch.from_numpy(np.zeros(m, self.dtype))
+        return TeacherRows(False, zeros, torch.zeros(m, dtype=torch.int32))
 
 
 class TeacherCache:
@@ -170,7 +175,7 @@ class TeacherCache:
 
     Args:
         folder: the cache folder (created when missing).
-        meta: :func:`build_meta`; an existing cache must match it (else ConfigError).
+        meta: :func:`build_meta`; an existing cache must match it (else SettingsChanged).
         rank, world: this process in a DDP group; rank 0 creates the files, the others wait.
     """
 
@@ -211,9 +216,7 @@ class TeacherCache:
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
-            raise ConfigError(
-                f"data.teacher_cache: {path} is unreadable; delete the folder or use another"
-            ) from None
+            raise CacheError(f"{path} is unreadable; delete the folder or use another") from None
 
     def _create(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -235,13 +238,11 @@ class TeacherCache:
     def _check(self) -> None:
         old = self._read_meta()
         if old is None:
-            raise ConfigError(f"data.teacher_cache: {self.folder}/meta.json is missing")
-        why = _mismatch(old, self.meta)
-        if why is not None:
-            raise ConfigError(
-                f"data.teacher_cache: {self.folder} was built for {why}; use another folder "
-                "or delete it"
-            )
+            raise CacheError(f"{self.folder}/meta.json is missing")
+        refuse_changed(
+            _identity(old), _identity(self.meta), where=f"{self.folder}",
+            remedy="use another folder or delete it", describe=_describe,
+        )  # fmt: skip
         want = {
             "probs.npy": ((self.n, self.views, self.topm), self.np_dtype),
             "index.npy": ((self.n, self.views, self.topm), np.dtype(np.int32)),
@@ -253,9 +254,8 @@ class TeacherCache:
             except (OSError, ValueError):
                 a = None
             if a is None or a.shape != shape or a.dtype != dtype:
-                raise ConfigError(
-                    f"data.teacher_cache: {self.folder}/{name} is missing or damaged; delete "
-                    "the folder or use another"
+                raise CacheError(
+                    f"{self.folder}/{name} is missing or damaged; delete the folder or use another"
                 )
 
     def reader(self) -> CacheReader:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -42,23 +41,32 @@ from torch import nn
 
 import ssld_kernels as sk
 from ssld import config as C
+from ssld._resume import SettingsChanged, refuse_changed
+from ssld._runtime import DeviceError, process_env, resolve_device
 from ssld.data import Normalize, worker_options
-from ssld.data.train import ResumableSampler, TrainSet, TrainTransform, class_folder, unlabeled_list
+from ssld.data.train import (
+    Batch,
+    ResumableSampler,
+    TeacherRows,
+    TrainSet,
+    TrainTransform,
+    class_folder,
+    unlabeled_list,
+)
 from ssld.train import checkpoint as ckpt
 from ssld.train import evaluate as ev
 from ssld.train import teacher_cache as tcache
 from ssld.train.metrics import PHASES, Meters, RunLog, StepTimer
 
-# config keys that may differ between a run and its resumption
 # settings a run may be resumed with changed: they do not change which samples, crops and
 # steps it takes (a changed loader changes pixels only by decoder/interpolation rounding)
 RESUMABLE_CHANGES = {
-    ("run", "max_steps"),
-    ("run", "progress"),
-    ("run", "log_every"),
-    ("data", "workers"),
-    ("data", "loader"),
-    ("data", "dali_decode"),
+    "run.max_steps",
+    "run.progress",
+    "run.log_every",
+    "data.workers",
+    "data.loader",
+    "data.dali_decode",
 }
 
 
@@ -105,9 +113,15 @@ class Trainer:
         self.build_distributed()
         self.build_data()
         self.build_models()
-        self.build_cache()
-        self.build_optimizer()
-        self.build_schedule()
+        self.cache = self.build_cache(self.num_classes)
+        if self.cache is not None:  # the DataLoader's workers read the rows (first iteration)
+            self.trainset.cache = self.cache.reader()
+        self.teacher_forwards = 0  # teacher forwards in training (cached batches skip it)
+        self._cache_counts = [0, 0]  # micro-batches served from the cache, all (log interval)
+        o = cfg.optim
+        self.peak_lr = o.lr if o.lr is not None else o.base_lr * cfg.run.batch_size / 256
+        self.optimizer = self.build_optimizer()
+        self.scheduler = self.build_schedule(self.optimizer)
         self.runlog = RunLog(self.out, enabled=self.rank == 0)
         self.step = 0  # optimizer steps done
         self.epoch = 0
@@ -119,15 +133,14 @@ class Trainer:
     # ---- build steps ----
 
     def build_distributed(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        want = self.cfg.run.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda") and not torch.cuda.is_available():
-            raise C.ConfigError(f"run.device={want} but no CUDA device is visible")
-        self.device = torch.device(f"cuda:{local}" if want == "cuda" else want)
+        """world, rank, device (``run.device``; under torchrun ``cuda`` is the local GPU),
+        micro_batch; the process group."""
+        env = process_env()
+        self.world, self.rank = env.world, env.rank
+        try:
+            self.device = resolve_device(self.cfg.run.device, env.local_rank)
+        except DeviceError as e:
+            raise C.ConfigError(f"run.device: {e}") from None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         B, accum = self.cfg.run.batch_size, self.cfg.run.grad_accum
@@ -145,6 +158,7 @@ class Trainer:
         torch.manual_seed(self.cfg.run.seed + self.rank)
 
     def build_data(self) -> None:
+        """classes, normalize, autoaugment, trainset, sampler, loader, the step counts, val."""
         d, run = self.cfg.data, self.cfg.run
         self.classes = None
         self.normalize = Normalize(d.mean, d.std).to(self.device)
@@ -218,7 +232,8 @@ class Trainer:
 
     def build_models(self) -> None:
         """The student, and the frozen teacher unless ``loss.kd_weight`` is 0 (supervised
-        training or finetuning on labels only: no teacher is built, loaded or run)."""
+        training or finetuning on labels only: no teacher is built, loaded or run); their
+        number of classes, the EMA copy, autocast dtype and GradScaler."""
         cfg = self.cfg
         student = ev.build_model(cfg.student, "student")
         teacher = ev.build_model(cfg.teacher, "teacher") if cfg.loss.kd_weight > 0 else None
@@ -233,7 +248,7 @@ class Trainer:
             teacher = teacher.to(self.device)
             if cfg.run.channels_last:
                 teacher = teacher.to(memory_format=torch.channels_last)
-        self._check_classes(student, teacher)
+        self.num_classes = self._check_classes(student, teacher)
         if teacher is not None:
             teacher.eval()
             if cfg.teacher.bn_train:  # PaddleClas: teacher BatchNorm uses batch statistics
@@ -258,7 +273,9 @@ class Trainer:
         self.amp_dtype = ev.autocast_dtype(cfg.run.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
-    def _check_classes(self, student, teacher) -> None:
+    def _check_classes(self, student, teacher) -> int:
+        """The number of classes of the models' (N, classes) logits, checked against each
+        other and the labels of data.train."""
         s = self.cfg.data.input_size
         x = torch.zeros(2, 3, s, s, device=self.device)
         was = student.training
@@ -275,48 +292,45 @@ class Trainer:
                 f"student has {ys.shape[1]} classes but teacher has {yt.shape[1]} "
                 "(set student.num_classes)"
             )
-        self.num_classes = ys.shape[1]
         need_labels = self.cfg.loss.ce_weight > 0 or self.cfg.data.val is not None
         if self.classes is not None and need_labels and len(self.classes) != ys.shape[1]:
             raise C.ConfigError(
                 f"data.train has {len(self.classes)} classes but the models have {ys.shape[1]}"
             )
+        return ys.shape[1]
 
-    def build_cache(self) -> None:
-        """The teacher-output cache (data.teacher_cache), or None."""
+    def build_cache(self, num_classes: int) -> tcache.TeacherCache | None:
+        """The teacher-output cache (data.teacher_cache) for models of ``num_classes``, or
+        None; a cache built for other settings is refused."""
         d = self.cfg.data
-        self.cache = None
-        self.teacher_forwards = 0  # teacher forwards in training (cached batches skip it)
-        self._cache_counts = [0, 0]  # micro-batches served from the cache, all (log interval)
         if d.teacher_cache is None:
-            return
-        if d.cache_topm > self.num_classes:
+            return None
+        if d.cache_topm > num_classes:
             raise C.ConfigError(
-                f"data.cache_topm={d.cache_topm} exceeds the {self.num_classes} classes of the "
-                "models"
+                f"data.cache_topm={d.cache_topm} exceeds the {num_classes} classes of the models"
             )
-        meta = tcache.build_meta(self.cfg, self.trainset, self.num_classes)
-        self.cache = tcache.TeacherCache(
-            d.teacher_cache, meta, rank=self.rank, world=self.world, log=self.log
-        )
-        # the DataLoader holds this dataset; its workers start at the first iteration
-        self.trainset.cache = self.cache.reader()
+        meta = tcache.build_meta(self.cfg, self.trainset, num_classes)
+        try:
+            return tcache.TeacherCache(
+                d.teacher_cache, meta, rank=self.rank, world=self.world, log=self.log
+            )
+        except (SettingsChanged, tcache.CacheError) as e:  # another run's cache, or damaged
+            raise C.ConfigError(f"data.teacher_cache: {e}") from None
 
-    def build_optimizer(self) -> None:
+    def build_optimizer(self) -> torch.optim.SGD:
         o = self.cfg.optim
-        self.peak_lr = o.lr if o.lr is not None else o.base_lr * self.cfg.run.batch_size / 256
         groups = param_groups(self.student_raw, o.weight_decay, o.no_decay_bn_bias)
         kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.SGD(
+        return torch.optim.SGD(
             groups, lr=self.peak_lr, momentum=o.momentum, nesterov=o.nesterov, **kw
         )
 
-    def build_schedule(self) -> None:
+    def build_schedule(self, optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         o = self.cfg.optim
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
         min_ratio = o.min_lr / self.peak_lr if self.peak_lr else 0.0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total_steps, warmup, min_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.total_steps, warmup, min_ratio)
         )
 
     # ---- checkpoints ----
@@ -344,22 +358,19 @@ class Trainer:
 
     def load_checkpoint(self, path) -> None:
         st = ckpt.load(path)
-        old, new = st["config"], self.cfg.to_dict()
-        diff = [
-            f"{sec}.{k}"
-            for sec in new
-            for k in new[sec]
-            if old.get(sec, {}).get(k) != new[sec][k] and (sec, k) not in RESUMABLE_CHANGES
-        ]
-        if "data.teacher_cache" in diff and old.get("data", {}).get("teacher_cache"):
+        ignore = set(RESUMABLE_CHANGES)
+        saved_cache = st["config"].get("data", {}).get("teacher_cache")
+        if saved_cache and self.cfg.data.teacher_cache is not None:
             # the cache may move: a cached run's numbers do not depend on its contents
-            if new["data"]["teacher_cache"] is not None:
-                diff.remove("data.teacher_cache")
-        if diff or st.get("mode") != self.mode:
-            raise C.ConfigError(
-                f"{path} was written with another configuration ({', '.join(diff[:4]) or 'mode'})"
-                "; use a new run.out or the same settings"
-            )
+            ignore.add("data.teacher_cache")
+        refuse_changed(
+            {"mode": st.get("mode"), **st["config"]},
+            {"mode": self.mode, **self.cfg.to_dict()},
+            where=f"{path}",
+            remedy="use a new run.out or the same settings",
+            ignore=ignore,
+            error=C.ConfigError,
+        )
         _unwrap(self.student).load_state_dict(st["model"])
         if self.ema is not None and st["ema"] is not None:
             self.ema.load_state_dict(st["ema"])
@@ -374,8 +385,8 @@ class Trainer:
     # ---- the step ----
 
     def _batches(self):
-        """(uint8 images, labels, ok, ...) micro-batches of this rank from the current
-        position; loader batches also hold (indices[, filled, probs, ids]) (TrainSet)."""
+        """The micro-batches (:class:`~ssld.data.train.Batch`, or ``CachedBatch`` with a
+        teacher cache) of this rank from the current position."""
         if self.loader is None:  # synthetic: one random batch reused, already on the device
             s = self.cfg.data.input_size
             gen = torch.Generator().manual_seed(self.cfg.run.seed)
@@ -387,7 +398,7 @@ class Trainer:
             ok = torch.ones(self.micro_batch, dtype=torch.bool, device=self.device)
             n = (self.steps_per_epoch - self.batch_in_epoch) * self.cfg.run.grad_accum
             for _ in range(n):
-                yield imgs, labels, ok
+                yield Batch(imgs, labels, ok, None)
             return
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         yield from self.loader
@@ -399,23 +410,18 @@ class Trainer:
             x = (x * 255.0).clamp(0, 255)
         return self.normalize(x)
 
-    def _micro_step(self, batch, meters, timer, last: bool):
+    def _micro_step(self, batch: Batch, meters, timer, last: bool):
         cfg, L = self.cfg, self.cfg.loss
-        imgs, labels, ok = batch[:3]
-        cached = batch[4:] if self.cache is not None else None  # (filled, probs, ids)
+        cached = batch.cached  # TeacherRows of a teacher cache, or None
         run_teacher = L.kd_weight > 0
         if cached is not None:
-            run_teacher = not bool(cached[0].all())  # host tensor: no device sync
+            run_teacher = not bool(cached.filled.all())  # host tensor: no device sync
             self._cache_counts[0] += not run_teacher
             self._cache_counts[1] += 1
-        amp = torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.float32,
-            enabled=self.amp_dtype is not None,
-        )
-        x = self._inputs(imgs)
-        labels = labels.to(self.device, non_blocking=True)
-        ok = ok.to(self.device, non_blocking=True)
+        amp = ev.autocast(self.device, self.amp_dtype)
+        x = self._inputs(batch.images)
+        labels = batch.labels.to(self.device, non_blocking=True)
+        ok = batch.ok.to(self.device, non_blocking=True)
         t_logits = None
         if run_teacher:
             t_logits = self._teacher_forward(x, amp)
@@ -440,7 +446,7 @@ class Trainer:
             loss = ce
             sparse = None
             if cached is not None:  # the stored rows (new ones queued for the cache)
-                sparse = self._sparse_teacher(batch[3], cached, t_logits)
+                sparse = self._sparse_teacher(batch.index, cached, t_logits)
             if sparse is not None:
                 t = sparse
             elif t_logits is not None:
@@ -483,10 +489,10 @@ class Trainer:
         self.teacher_forwards += 1
         return t_logits
 
-    def _sparse_teacher(self, indices, cached, t_logits):
+    def _sparse_teacher(self, indices, cached: TeacherRows, t_logits):
         """SparseTeacher of a micro-batch from its cached rows, and from ``t_logits`` (top-m
         at the loss temperature) where not filled; new rows are queued for the cache."""
-        filled, probs, ids = cached
+        filled, probs, ids = cached.filled, cached.probs, cached.ids
         view = self.epoch % self.cfg.data.crop_replay
         if t_logits is None:  # every row filled
             probs = probs.to(self.device, non_blocking=True)
@@ -514,11 +520,7 @@ class Trainer:
         self.cache.drain(block=True)
         dropped = np.asarray(self.sampler.dropped(), dtype=np.int64)
         todo = dropped[~self.cache.is_filled(dropped, view)].tolist()
-        amp = torch.autocast(
-            self.device.type,
-            dtype=self.amp_dtype or torch.float32,
-            enabled=self.amp_dtype is not None,
-        )
+        amp = ev.autocast(self.device, self.amp_dtype)
         L = self.cfg.loss
         for k in range(0, len(todo), self.micro_batch):
             chunk = todo[k : k + self.micro_batch]
@@ -574,7 +576,7 @@ class Trainer:
                     accum_i += 1
                     last = accum_i == cfg.run.grad_accum
                     self._micro_step(batch, meters, timer, last)
-                    images_since += len(batch[0]) * self.world
+                    images_since += len(batch.images) * self.world
                     if last:
                         accum_i = 0
                         self._optimizer_step(timer)
