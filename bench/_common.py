@@ -56,7 +56,7 @@ def environment(device: torch.device) -> dict:
         env["device"] = _cpu_name()
         env["threads"] = torch.get_num_threads()
         env["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        env["hugepages"] = os.environ.get("SSLD_KERNELS_HUGEPAGES", "1") != "0"
+        env["hugepages"] = os.environ.get("SSLD_KERNELS_HUGEPAGES", "0") == "1"
         try:
             from ssld_kernels._backends import ext
 

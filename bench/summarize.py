@@ -262,8 +262,9 @@ def block_loss() -> str:
         lambda d: (
             _is_cpu(d)
             and d.get("benchmark") == "divergence"
-            and _env(d).get("hugepages") is not False
-        ),  # not an A/B run with the hint off
+            and _env(d).get("hugepages") is not True  # the default (off), not an A/B run
+            and any(r.get("provider") == "eager" for r in d["results"])
+        ),
     )
     out = [
         "| JSD, forward+backward | ssld | ssld fused | eager | torch.compile | Liger JSD |",

@@ -97,17 +97,21 @@ const Table& table() {
 // Gradients are usually freshly allocated (torch.empty) buffers that the kernel touches first.
 // On Linux with transparent huge pages in "madvise" mode, a large fresh buffer is faulted in
 // 4 KB pages: 131 MB (1024 x 32000 fp32) took 131 ms to first-touch on a 2-core EPYC VM
-// against 25 ms with huge pages and 9.5 ms warm, more than the kernel itself. So the 2 MB
-// aligned interior of a large gradient is marked MADV_HUGEPAGE before the kernel writes it: a
-// hint only (ignored where THP is off, harmless on memory already populated).
-// SSLD_KERNELS_HUGEPAGES=0 turns it off (read once), for A/B measurements.
+// against 25 ms with huge pages and 9.5 ms warm, more than the kernel itself. With
+// SSLD_KERNELS_HUGEPAGES=1 the 2 MB aligned interior of a large gradient is marked
+// MADV_HUGEPAGE before the kernel writes it. Off by default: alone the fused call was faster
+// with it (130 vs 185 ms), but in bench_divergence.py's run beside eager and torch.compile
+// (which allocate GBs between the kernel's calls) it took 249 ms, against 179 ms without it
+// in a run of the kernel alone (bench/results/divergence-AMD_EPYC_x2-066756a*.json); with THP
+// defrag "madvise" a huge-page fault may compact memory first. A hint only: ignored where
+// THP is off, harmless on memory already populated.
 namespace {
 constexpr std::uintptr_t kHugePage = std::uintptr_t(1) << 21;
 
 bool hugepages_enabled() {
   static const bool on = [] {
-    const char* v = std::getenv("SSLD_KERNELS_HUGEPAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
+    const char* v = std::getenv("SSLD_KERNELS_HUGEPAGES");  // read once
+    return v != nullptr && std::strcmp(v, "1") == 0;
   }();
   return on;
 }
