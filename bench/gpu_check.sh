@@ -9,7 +9,7 @@
 # On the device (the run tool, carry [".devbuild", ".whl"], timeout_s 540):
 #   bash bench/gpu_check.sh               # writes everything under $OUT
 # Rerun one part only: SSLD_STAGES="tests" (any of build,tests,sanitizer,tune,divergence,
-# match,train; tune is not in the default list), SSLD_PYTEST_ARGS="tests/test_match_cuda.py"
+# match,train,fused_linear; tune is not in the default list), SSLD_PYTEST_ARGS="tests/test_match_cuda.py"
 # narrows the test stage, SSLD_PYTEST_WORKERS (12) sets its xdist workers.
 #
 # Stages and budgets (seconds; a stage never runs past the overall deadline):
@@ -20,7 +20,9 @@
 #   divergence  bench_divergence at 256x1000, 8192x32000, 4096x128256, fp32 + bf16 (120)
 #   match       bench_match 200k x 200k and 4096 pairs of 512x512 vs torch cdist fp16/fp32 (60)
 #   train       bench_train resnet50 <- resnet101, batch 256 vs the naive loop (60)
-# Every stage writes its log and JSON under $OUT; summary.txt lists each stage's status.
+#   fused_linear  bench_fused_linear 8192 x 4096 x 128256 bf16 vs eager, chunked, Liger (60)
+# Every stage writes its log and JSON under $OUT; summary.txt lists each stage's status; on exit
+# the other logs are packed into logs.tar.gz (the device returns at most 8 files).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -53,10 +55,18 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
 DEADLINE=$(( START + ${SSLD_CHECK_SECONDS:-480} ))
-STAGES=${SSLD_STAGES:-build,tests,sanitizer,divergence,match,train}
+STAGES=${SSLD_STAGES:-build,tests,sanitizer,divergence,match,train,fused_linear}
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 
+# The device returns at most 8 files from $OUT: on exit (also when cut), everything but the
+# summary, the pytest log and the benchmark JSONs goes into logs.tar.gz.
+bundle() {
+  (cd "$OUT" && find . -maxdepth 1 -type f ! -name summary.txt ! -name pytest_cuda.log \
+    ! -name '*.json' ! -name logs.tar.gz ! -name .bundle -printf '%P\n' > .bundle \
+    && [ -s .bundle ] && tar -czf logs.tar.gz -T .bundle && xargs rm -f < .bundle; rm -f .bundle)
+}
+trap bundle EXIT
 want() { [[ ",$STAGES," == *",$1,"* ]]; }
 left() { echo $(( DEADLINE - $(date +%s) )); }
 budget() {  # min(stage budget, time to the deadline)
@@ -174,5 +184,10 @@ if want train; then
   run_stage train 60 "$OUT/bench_train.log" python3 bench/bench_train.py \
     --pairs resnet50:resnet101 --batch-size 256 --steps 15 --out "$OUT/train-H200.json"
   tail -15 "$OUT/bench_train.log"
+fi
+if want fused_linear; then
+  run_stage fused_linear 60 "$OUT/bench_fused_linear.log" python3 bench/bench_fused_linear.py \
+    --device cuda --out "$OUT/fused_linear-H200.json"
+  tail -12 "$OUT/bench_fused_linear.log"
 fi
 echo "== summary ($(( $(date +%s) - START )) s)"; cat "$SUMMARY"
