@@ -378,8 +378,8 @@ def block_ablation() -> str:
         if max(means) - min(means) < noise:
             verdict += " (spread within the seed-to-seed std)"
         out.append(f"| {name} ({r.get('what', '')}) | {cells} | {verdict} |")
-    out += ["", f"Seeds: {res['seeds']}.", ""]
-    return "\n".join(out) + source_line(path)
+    out += ["", f"Seeds: {res['seeds']}.", "", source_line(path)]
+    return "\n".join(out)
 
 
 def block_fused_linear() -> str:
