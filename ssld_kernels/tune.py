@@ -26,7 +26,7 @@ the row counts of its median times (every row count weighs the same, whatever it
 entry's ``backend`` is the fastest. A backend that failed at some row count is left out of
 that entry. The loss kind (default jsd) is recorded but not looked up: the kinds cost alike.
 
-The table (format in :mod:`ssld_kernels._backends`) is written atomically to ``--out``, else
+The table (format in :mod:`ssld_kernels._tune_table`) is written atomically to ``--out``, else
 ``$SSLD_KERNELS_TUNE_FILE``, else ``~/.cache/ssld_kernels/tune-<device name>.json``. It is used
 only with the same GPU model and the same torch, triton and ssld_kernels versions; rerun this
 after upgrading any of them. ``python -m ssld_kernels`` says whether a table is loaded.
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from ssld_kernels import _backends
+from ssld_kernels import _backends, _tune_table
 
 DEFAULT_DTYPES = "bf16,fp32"
 DEFAULT_ROWS = "256,4096"
@@ -110,7 +110,7 @@ def build_entries(results: list[dict], classes: list[int], rows: list[int]) -> l
     """Table entries from per-case results ({mode, dtype, rows, classes, backend, median_ms,
     p20_ms, p80_ms} or {..., error}); see the module docstring for the rules."""
     entries = []
-    modes = [m for m in _backends.TUNE_MODES if any(r["mode"] == m for r in results)]
+    modes = [m for m in _tune_table.TUNE_MODES if any(r["mode"] == m for r in results)]
     dtypes = list(dict.fromkeys(r["dtype"] for r in results))
     for mode in modes:
         for dtype in dtypes:
@@ -141,7 +141,7 @@ def build_entries(results: list[dict], classes: list[int], rows: list[int]) -> l
                     continue
                 entry = {"op": "divergence", "mode": mode, "dtype": dtype, "c_lo": c_lo,
                          "c_hi": c_hi, "c": c}  # fmt: skip
-                for backend in _backends.LAUNCH_CONFIG_KEYS:
+                for backend in _tune_table.LAUNCH_CONFIG_KEYS:
                     # launch configs: the fastest stands for the backend and is stored
                     variants = {k: v for k, v in ms.items() if k.startswith(backend + "@")}
                     if not variants:
@@ -164,7 +164,7 @@ def _variant_name(backend: str, config: dict | None) -> str:
     return backend if not config else f"{backend}@{json.dumps(config, sort_keys=True)}"
 
 
-# Launch configs measured besides each backend's defaults (keys: _backends.LAUNCH_CONFIG_KEYS).
+# Launch configs measured besides each backend's defaults (keys: _tune_table.LAUNCH_CONFIG_KEYS).
 # Triton (default: one program per row, chunks of up to 4096 classes over 8 warps): bigger
 # chunks (rows up to 8192 classes whole in registers; 16 warps keep 16 values per thread,
 # no spills per bench/triton_sass.py) and programs looping over rows, 1-4 per SM, which bounds
@@ -194,9 +194,9 @@ def _sm_count() -> int:
 def make_table(
     device_name: str, entries: list[dict], meta: dict, versions: dict | None = None
 ) -> dict:
-    versions = _backends.tune_versions() if versions is None else versions
+    versions = _tune_table.tune_versions() if versions is None else versions
     return {
-        "format": _backends.TUNE_FORMAT,
+        "format": _tune_table.TUNE_FORMAT,
         "device": device_name,
         **versions,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -249,7 +249,7 @@ def time_case(backend, mode, dtype, n, c, kind="jsd", warmup=25.0, rep=100.0) ->
 
         grad_to_none = None
     else:
-        raise ValueError(f"mode must be one of {_backends.TUNE_MODES}, got {mode!r}")
+        raise ValueError(f"mode must be one of {_tune_table.TUNE_MODES}, got {mode!r}")
     step()  # compile / autotune outside the timed region
     torch.cuda.synchronize()
     q = do_bench(step, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
@@ -258,9 +258,11 @@ def time_case(backend, mode, dtype, n, c, kind="jsd", warmup=25.0, rep=100.0) ->
 
 def _forced(backend: str, config: dict | None):
     """Context in which ``backend`` launches with ``config`` ({} / None: its defaults)."""
-    if backend not in _backends.LAUNCH_CONFIG_KEYS:
+    if backend not in _tune_table.LAUNCH_CONFIG_KEYS:
         return contextlib.nullcontext()
-    return _backends.forced_launch_config(backend, _backends.resolve_per_sm(config, _sm_count()))
+    return _tune_table.forced_launch_config(
+        backend, _tune_table.resolve_per_sm(config, _sm_count())
+    )
 
 
 def check_variant(backend, config, dtype, n, c, kind="jsd") -> None:
@@ -313,20 +315,20 @@ def run(args) -> tuple[dict, Path]:
     if len(backends) == 1:
         print(f"only {backends[0]} is available: the table will rank it alone", file=sys.stderr)
     device_name = torch.cuda.get_device_name()
-    path = Path(args.out).expanduser() if args.out else _backends.tune_path(device_name)
+    path = Path(args.out).expanduser() if args.out else _tune_table.tune_path(device_name)
     if path is None:
-        raise SystemExit(f"{_backends.TUNE_ENV_VAR} disables tables; pass --out FILE")
+        raise SystemExit(f"{_tune_table.TUNE_ENV_VAR} disables tables; pass --out FILE")
     print(f"tuning on {device_name}: {', '.join(backends)} -> {path}", flush=True)
     variants = [(b, None) for b in backends]
     if not args.no_launch_configs:
         variants += [(b, cfg) for b in backends for cfg in LAUNCH_CONFIGS.get(b, ())]
     results = []
     for dtype in args.dtypes:
-        dname = _backends.dtype_name(dtype)
+        dname = _tune_table.dtype_name(dtype)
         for c in args.classes:
             checked: set = set()
             for n in args.rows:
-                for mode in _backends.TUNE_MODES:
+                for mode in _tune_table.TUNE_MODES:
                     for b, config in variants:
                         case = {"mode": mode, "dtype": dname, "rows": n, "classes": c, "backend": b}
                         if config:
@@ -351,7 +353,7 @@ def run(args) -> tuple[dict, Path]:
         "cuda": torch.version.cuda,
         "kind": args.kind,
         "backends": backends,
-        "dtypes": [_backends.dtype_name(d) for d in args.dtypes],
+        "dtypes": [_tune_table.dtype_name(d) for d in args.dtypes],
         "rows": args.rows,
         "classes": args.classes,
         "warmup_ms": args.warmup,
@@ -362,7 +364,7 @@ def run(args) -> tuple[dict, Path]:
     }
     table = make_table(device_name, build_entries(results, args.classes, args.rows), meta)
     write_table(path, table)
-    _backends.clear_tune_cache()
+    _tune_table.clear_tune_cache()
     return table, path
 
 
@@ -376,7 +378,7 @@ def summary(table: dict) -> str:
         times = "  ".join(f"{k} {v:.4f}" for k, v in sorted(e["ms"].items(), key=lambda kv: kv[1]))
         cfgs = "".join(
             f"; {b} config {e[b + '_config']}"
-            for b in _backends.LAUNCH_CONFIG_KEYS
+            for b in _tune_table.LAUNCH_CONFIG_KEYS
             if e.get(b + "_config")
         )
         lines.append(
@@ -391,7 +393,7 @@ def show(args) -> int:
     if args.out:
         path = Path(args.out).expanduser()
     elif device_name is not None:
-        path = _backends.tune_path(device_name)
+        path = _tune_table.tune_path(device_name)
     else:
         print("no CUDA device: pass --out FILE to show a table", file=sys.stderr)
         return 2
@@ -410,7 +412,7 @@ def show(args) -> int:
         except (KeyError, TypeError, AttributeError) as e:
             print(f"  malformed entries ({e!r})")
     if device_name is not None:
-        _, why = _backends.parse_tune_table(data, device_name, _backends.tune_versions())
+        _, why = _tune_table.parse_tune_table(data, device_name, _tune_table.tune_versions())
         print(f"usable here: {'yes' if not why else 'no: ' + why}")
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ssld_kernels as sk
-from ssld_kernels import _backends, reference
+from ssld_kernels import _tune_table, reference
 from ssld_kernels._backends import backend_status
 from ssld_kernels.reference import make_spec
 from ssld_kernels.tune import LAUNCH_CONFIGS
@@ -39,10 +39,10 @@ def test_launch_config_matches_reference(config, backend, dtype, c):
     w = torch.rand(n, device="cuda") + 0.5
     m = torch.rand(n, device="cuda") > 0.2
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cfg = _backends.resolve_per_sm(config, sms) or {}
+    cfg = _tune_table.resolve_per_sm(config, sms) or {}
     spec = make_spec("jsd", 0.5, 1.5)
     kw = dict(kind="jsd", temperature=1.5, weight=w, mask=m, reduction="sum", backend=backend)
-    with _backends.forced_launch_config(backend, cfg):
+    with _tune_table.forced_launch_config(backend, cfg):
         loss, gs, gt = sk.softmax_divergence_and_grad(s, t, teacher_grad=True, **kw)
         sg = s.clone().requires_grad_(True)
         loss2 = sk.softmax_divergence(sg, t, **kw)
@@ -68,9 +68,9 @@ def test_row_cache_is_bitwise_the_uncached_kernel():
     for dtype, c in ((torch.float32, 20000), (torch.bfloat16, 50000)):
         s = (torch.randn(64, c, device="cuda") * 3).to(dtype)
         t = (torch.randn(64, c, device="cuda") * 3).to(dtype)
-        with _backends.forced_launch_config("cuda", {}):
+        with _tune_table.forced_launch_config("cuda", {}):
             want = sk.softmax_divergence_and_grad(s, t, reduction="none", backend="cuda")
-        with _backends.forced_launch_config("cuda", {"row_cache": 1}):
+        with _tune_table.forced_launch_config("cuda", {"row_cache": 1}):
             got = sk.softmax_divergence_and_grad(s, t, reduction="none", backend="cuda")
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
         torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)

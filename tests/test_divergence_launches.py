@@ -91,7 +91,7 @@ def test_one_launch_per_direction(backend, kind, chunked):
     row statistics. Without gradients the forward is the loss kernel plus the reduction."""
     if chunked and backend != "triton":
         pytest.skip("only the triton launch can be forced to chunk a row")
-    from ssld_kernels._backends import forced_launch_config
+    from ssld_kernels._tune_table import forced_launch_config
 
     s = torch.randn(6, 37, requires_grad=True)
     t = torch.randn(6, 37)

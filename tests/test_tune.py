@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import ssld_kernels as sk
-from ssld_kernels import _backends, tune
-from ssld_kernels._backends import TuneTableWarning, lookup_tune, resolve_backend
+from ssld_kernels import _backends, _tune_table, tune
+from ssld_kernels._backends import resolve_backend
+from ssld_kernels._tune_table import TuneTableWarning, lookup_tune
 
 FAKE_GPU = "Fake GPU 80GB HBM3"
 CUDA0 = torch.device("cuda", 0)
@@ -48,9 +49,9 @@ ENTRIES = [
 
 def _table(entries=ENTRIES, device=FAKE_GPU, **override):
     table = {
-        "format": _backends.TUNE_FORMAT,
+        "format": _tune_table.TUNE_FORMAT,
         "device": device,
-        **_backends.tune_versions(),
+        **_tune_table.tune_versions(),
         "entries": entries,
     }
     table.update(override)
@@ -70,13 +71,13 @@ def fake_gpu(monkeypatch, tmp_path):
         return out
 
     path = tmp_path / "tune.json"
-    monkeypatch.setenv(_backends.TUNE_ENV_VAR, str(path))
+    monkeypatch.setenv(_tune_table.TUNE_ENV_VAR, str(path))
     monkeypatch.delenv(_backends.ENV_VAR, raising=False)
     monkeypatch.setattr(_backends, "backend_status", status)
-    monkeypatch.setattr(_backends, "_device_name_at", lambda index: FAKE_GPU)
-    _backends.clear_tune_cache()
+    monkeypatch.setattr(_tune_table, "_device_name_at", lambda index: FAKE_GPU)
+    _tune_table.clear_tune_cache()
     yield path
-    _backends.clear_tune_cache()
+    _tune_table.clear_tune_cache()
 
 
 def _auto(dtypes=(BF16, BF16), n_cols=1000, mode="fwdbwd", backend=None):
@@ -166,7 +167,7 @@ def test_build_entries_geometric_mean_and_errors():
     assert "error" in f["ms_by_rows"]["4096"]["cuda"]
     # the built table is one the loader accepts
     table = tune.make_table(FAKE_GPU, entries, {"kind": "jsd"})
-    assert _backends.parse_tune_table(table, FAKE_GPU, _backends.tune_versions()) == (table, "")
+    assert _tune_table.parse_tune_table(table, FAKE_GPU, _tune_table.tune_versions()) == (table, "")
 
 
 def test_build_entries_triton_configs():
@@ -198,10 +199,10 @@ def test_build_entries_triton_configs():
     assert large["triton_config"] == loop
     assert list(large["triton_configs_ms"].values()) == pytest.approx([0.8, 0.9])
     table = tune.make_table(FAKE_GPU, entries, {"kind": "jsd"})
-    assert _backends.parse_tune_table(table, FAKE_GPU, _backends.tune_versions()) == (table, "")
+    assert _tune_table.parse_tune_table(table, FAKE_GPU, _tune_table.tune_versions()) == (table, "")
     text = tune.summary(table)
     assert "triton config {'block': 4096, 'num_warps': 8, 'programs_per_sm': 2}" in text
-    look = _backends.lookup_launch_config
+    look = _tune_table.lookup_launch_config
     assert look(table, "triton", "fused", "float32", 40000) == loop
     assert look(table, "triton", "fused", "float32", 999) is None
     assert look(table, "triton", "fwdbwd", "float32", 40000) is None
@@ -226,7 +227,7 @@ def test_build_entries_triton_configs():
 )
 def test_bad_launch_config_rejects_table(key, config):
     e = dict(ENTRIES[0], **{f"{key}_config": config})
-    table, why = _backends.parse_tune_table(_table([e]), FAKE_GPU, _backends.tune_versions())
+    table, why = _tune_table.parse_tune_table(_table([e]), FAKE_GPU, _tune_table.tune_versions())
     assert table is None and f"{key}_config" in why
 
 
@@ -242,28 +243,28 @@ def test_tuned_config_resolves_per_sm_counts(fake_gpu, monkeypatch):
         multi_processor_count = 132
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
-    assert _backends.tuned_config("triton", 0, "fused", FP32, 1000) == {
+    assert _tune_table.tuned_config("triton", 0, "fused", FP32, 1000) == {
         "block": 2048,
         "programs": 528,
     }
-    assert _backends.tuned_config("cuda", 0, "fused", FP32, 1000) == {
+    assert _tune_table.tuned_config("cuda", 0, "fused", FP32, 1000) == {
         "threads": 1024,
         "blocks": 132,
         "row_cache": 1,
     }
-    assert _backends.tuned_config("triton", 0, "fwdbwd", FP32, 1000) is None
+    assert _tune_table.tuned_config("triton", 0, "fwdbwd", FP32, 1000) is None
 
 
 def test_forced_launch_config_nests():
     s = torch.zeros(2, 8)
-    assert _backends.launch_config("triton", s, s, "fused") is None  # CPU tensors: no table
-    with _backends.forced_launch_config("triton", {"block": 16}):
-        assert _backends.launch_config("triton", s, s, "fused") == {"block": 16}
-        with _backends.forced_launch_config("triton", None):
-            assert _backends.launch_config("triton", s, s, "fused") == {}
-        assert _backends.launch_config("triton", s, s, "fused") == {"block": 16}
-        assert _backends.launch_config("cuda", s, s, "fused") is None
-    assert _backends.launch_config("triton", s, s, "fused") is None
+    assert _tune_table.launch_config("triton", s, s, "fused") is None  # CPU tensors: no table
+    with _tune_table.forced_launch_config("triton", {"block": 16}):
+        assert _tune_table.launch_config("triton", s, s, "fused") == {"block": 16}
+        with _tune_table.forced_launch_config("triton", None):
+            assert _tune_table.launch_config("triton", s, s, "fused") == {}
+        assert _tune_table.launch_config("triton", s, s, "fused") == {"block": 16}
+        assert _tune_table.launch_config("cuda", s, s, "fused") is None
+    assert _tune_table.launch_config("triton", s, s, "fused") is None
 
 
 def test_write_table_atomic(tmp_path):
@@ -275,14 +276,14 @@ def test_write_table_atomic(tmp_path):
 
 
 def test_default_path(monkeypatch, tmp_path):
-    monkeypatch.delenv(_backends.TUNE_ENV_VAR, raising=False)
+    monkeypatch.delenv(_tune_table.TUNE_ENV_VAR, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    p = _backends.tune_path("NVIDIA H100 80GB HBM3 (MIG 1g.10gb)")
+    p = _tune_table.tune_path("NVIDIA H100 80GB HBM3 (MIG 1g.10gb)")
     assert p == tmp_path / ".cache" / "ssld_kernels" / "tune-NVIDIA_H100_80GB_HBM3_MIG_1g.10gb.json"
-    monkeypatch.setenv(_backends.TUNE_ENV_VAR, "off")
-    assert _backends.tune_path("x") is None
-    monkeypatch.setenv(_backends.TUNE_ENV_VAR, str(tmp_path / "mine.json"))
-    assert _backends.tune_path("x") == tmp_path / "mine.json"
+    monkeypatch.setenv(_tune_table.TUNE_ENV_VAR, "off")
+    assert _tune_table.tune_path("x") is None
+    monkeypatch.setenv(_tune_table.TUNE_ENV_VAR, str(tmp_path / "mine.json"))
+    assert _tune_table.tune_path("x") == tmp_path / "mine.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,11 +333,11 @@ def test_table_winner_unavailable_falls_to_next(fake_gpu, monkeypatch):
         return out
 
     monkeypatch.setattr(_backends, "backend_status", no_triton)
-    _backends.clear_tune_cache()
+    _tune_table.clear_tune_cache()
     assert _auto(n_cols=4096) == "cuda"
     # a table that knows only triton still falls back to the static order after it
     tune.write_table(fake_gpu, _table([_entry("fwdbwd", "bfloat16", 1, None, {"triton": 1.0})]))
-    _backends.clear_tune_cache()
+    _tune_table.clear_tune_cache()
     assert _auto(n_cols=4096) == "cuda"
 
 
@@ -386,22 +387,22 @@ def test_table_loaded_once(fake_gpu, monkeypatch):
     tune.write_table(fake_gpu, _table())
     assert _auto(n_cols=4096) == "triton"
     reads = []
-    real = _backends._read_tune_table
-    monkeypatch.setattr(_backends, "_read_tune_table", lambda *a: reads.append(a) or real(*a))
+    real = _tune_table._read_tune_table
+    monkeypatch.setattr(_tune_table, "_read_tune_table", lambda *a: reads.append(a) or real(*a))
     for c in (3000, 5000, 7000):
         assert _auto(n_cols=c) == "triton"
     assert reads == []
     tune.write_table(fake_gpu, _table([_entry("fwdbwd", "bfloat16", 1, None, {"cuda": 1.0})]))
     assert _auto(n_cols=4000) == "triton"  # cached until cleared
-    _backends.clear_tune_cache()
+    _tune_table.clear_tune_cache()
     assert _auto(n_cols=4000) == "cuda"
     assert len(reads) == 1
 
 
 def test_tune_file_off(fake_gpu, monkeypatch):
     tune.write_table(fake_gpu, _table())
-    monkeypatch.setenv(_backends.TUNE_ENV_VAR, "off")
-    _backends.clear_tune_cache()
+    monkeypatch.setenv(_tune_table.TUNE_ENV_VAR, "off")
+    _tune_table.clear_tune_cache()
     assert _auto(n_cols=4096) == "cuda"
 
 
@@ -443,7 +444,7 @@ def test_cpu_auto_order(monkeypatch, cpu_built):
 
     monkeypatch.setattr(_backends, "backend_status", status)
     monkeypatch.delenv(_backends.ENV_VAR, raising=False)
-    _backends.clear_tune_cache()
+    _tune_table.clear_tune_cache()
     try:
         want = "cpu" if cpu_built else "torch"
         cpu = torch.device("cpu")
@@ -452,10 +453,10 @@ def test_cpu_auto_order(monkeypatch, cpu_built):
                 got = resolve_backend(None, cpu, dtypes, n_cols=1000, mode=mode)
                 assert got == want, (dtypes, mode)
         monkeypatch.setitem(_backends.OP_BACKENDS, "divergence", ("torch", "triton"))
-        _backends.clear_tune_cache()
+        _tune_table.clear_tune_cache()
         assert resolve_backend(None, cpu, (FP32,)) == "torch"  # no cpu backend for the op
     finally:
-        _backends.clear_tune_cache()
+        _tune_table.clear_tune_cache()
 
 
 def test_resolve_backend_old_signature():
@@ -515,16 +516,16 @@ def test_torch_compile_symbolic_class_count(fake_gpu):
 def test_describe_reports_table(fake_gpu, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    assert "none at" in _backends._describe_tune()
+    assert "none at" in _tune_table.describe_tune()
     tune.write_table(fake_gpu, _table())
-    _backends.clear_tune_cache()
-    line = _backends._describe_tune()
+    _tune_table.clear_tune_cache()
+    line = _tune_table.describe_tune()
     assert f"loaded from {fake_gpu}" in line and f"{len(ENTRIES)} entries" in line
     tune.write_table(fake_gpu, _table(torch="0.0.1"))
-    _backends.clear_tune_cache()
-    assert "ignored (measured with torch '0.0.1'" in _backends._describe_tune()
-    monkeypatch.setenv(_backends.TUNE_ENV_VAR, "off")
-    assert "disabled" in _backends._describe_tune()
+    _tune_table.clear_tune_cache()
+    assert "ignored (measured with torch '0.0.1'" in _tune_table.describe_tune()
+    monkeypatch.setenv(_tune_table.TUNE_ENV_VAR, "off")
+    assert "disabled" in _tune_table.describe_tune()
 
 
 def test_describe_mentions_tune_table():
@@ -579,7 +580,7 @@ def test_tune_on_gpu_writes_a_table_auto_uses(tmp_path, monkeypatch):
     if not (status["cuda"][0] or status["triton"][0]):
         pytest.skip("no GPU divergence backend built")
     path = tmp_path / "tune.json"
-    monkeypatch.setenv(_backends.TUNE_ENV_VAR, str(path))
+    monkeypatch.setenv(_tune_table.TUNE_ENV_VAR, str(path))
     monkeypatch.delenv(_backends.ENV_VAR, raising=False)
     argv = ["--dtypes", "bf16,fp32", "--rows", "64,256", "--classes", "1000,4096"]
     assert tune.main(argv + ["--warmup", "5", "--rep", "20"]) == 0
@@ -607,4 +608,4 @@ def test_tune_on_gpu_writes_a_table_auto_uses(tmp_path, monkeypatch):
         torch.testing.assert_close(sk.softmax_divergence(s.detach(), t), ref)
         assert f"loaded from {path}" in _backends.describe()
     finally:
-        _backends.clear_tune_cache()
+        _tune_table.clear_tune_cache()

@@ -505,7 +505,7 @@ def _launch_config(n_rows: int, n_cols: int, config: dict | None) -> tuple[int, 
 
 
 def _config_for(s: torch.Tensor, t: torch.Tensor, mode: str) -> dict | None:
-    from ssld_kernels._backends import launch_config
+    from ssld_kernels._tune_table import launch_config
 
     return launch_config("triton", s, t, mode)
 
