@@ -225,16 +225,6 @@ def _warn_unusable(path: Path, why: str) -> None:
     )
 
 
-def load_tune_table(path: Path, device_name: str, versions: dict | None = None) -> dict | None:
-    """The table at ``path`` if it exists and is valid for ``device_name`` and ``versions``
-    (default: this process's); None when absent; None plus a TuneTableWarning when unusable."""
-    versions = tune_versions() if versions is None else versions
-    table, why = _read_tune_table(path, device_name, versions)
-    if why:
-        _warn_unusable(path, why)
-    return table
-
-
 @functools.cache
 def _tune_table_for(device_name: str) -> tuple[dict | None, Path | None, str]:
     """(table or None, path looked at, why unusable) for ``device_name``; read once, cached.
