@@ -161,13 +161,51 @@ def _row_stats_logq(spec: DivSpec, s: Tensor, logq: Tensor):
 def divergence_rows(
     spec: DivSpec, s: Tensor, t: Tensor, weight: Tensor | None = None, mask: Tensor | None = None
 ) -> Tensor:
-    """Per-row loss of 2-D logits (n, C): T^2 * (coef_a*A + coef_b*B) * weight, 0 where masked."""
+    """Per-row loss of 2-D logits (n, C): T^2 * (coef_a*A + coef_b*B) * weight, 0 where masked.
+
+    Differentiable in ``s``, ``t`` and ``weight``; the logits' gradients are the closed forms
+    of :func:`divergence_rows_and_grad` (module docstring), not autograd through log M."""
     if mask is not None:  # masked rows compute on zeros: exact 0 loss and 0 gradient, even for NaN
         keep = mask.bool()[:, None]
         s = torch.where(keep, s, torch.zeros_like(s))
         t = torch.where(keep, t, torch.zeros_like(t))
-    _, _, _, _, a, b = _row_stats(spec, s, t)
-    return _row_loss(spec, a, b, weight, mask)
+    return _ClosedFormRows.apply(spec, s, t, weight, mask, False)
+
+
+class _ClosedFormRows(torch.autograd.Function):
+    """Row losses whose backward is the closed-form gradient (``_rows_and_grad``).
+
+    Autograd through ``_xlogy_terms`` differentiates log1p(w * expm1(-|d|)): its chain forms
+    expm1(-|d|) + 1, which rounds away e^-|d| and loses the gradient's small terms once
+    |log p - log q| >~ 10 in float32 (whole rows of 1e-10-sized gradients came out 0). The
+    closed form has no such chain. ``t`` is the teacher's logits, or with ``logq=True`` its
+    log-probabilities (a sparse teacher: no gradient). The backward recomputes the row
+    statistics from the saved inputs with differentiable ops, so double backward works."""
+
+    @staticmethod
+    def forward(ctx, spec, s, t, weight, mask, logq):
+        ctx.spec, ctx.logq = spec, logq
+        ctx.save_for_backward(s, t, weight, mask)
+        _, _, _, _, a, b = _stats(spec, s, t, logq)
+        return _row_loss(spec, a, b, weight, mask)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        s, t, weight, mask = ctx.saved_tensors
+        spec, need_s, need_t, need_w = ctx.spec, *ctx.needs_input_grad[1:4]
+        stats = _stats(spec, s, t, ctx.logq)
+        need_t = need_t and not ctx.logq
+        _, grad_s, grad_t = _rows_and_grad(
+            spec, stats, grad_rows, weight, mask, need_t, s.dtype, t.dtype
+        )
+        grad_w = None
+        if need_w:
+            grad_w = (_row_loss(spec, stats[4], stats[5], None, mask) * grad_rows).to(weight.dtype)
+        return None, grad_s if need_s else None, grad_t, grad_w, None, None
+
+
+def _stats(spec: DivSpec, s: Tensor, t: Tensor, logq: bool):
+    return _row_stats_logq(spec, s, t) if logq else _row_stats(spec, s, t)
 
 
 def _row_loss(spec: DivSpec, a: Tensor, b: Tensor, weight, mask) -> Tensor:
@@ -321,12 +359,14 @@ def sparse_divergence_rows(
     sum_tol: float | None = None,
 ) -> Tensor:
     """Per-row loss of (n, C) student logits against a sparse teacher ((n, m) probs, index):
-    the dense loss with Q = :func:`sparse_teacher_probs`; differentiable in ``s``."""
+    the dense loss with Q = :func:`sparse_teacher_probs`; differentiable in ``s`` (its
+    closed-form gradient), not in ``probs`` (data: a ValueError if they require grad)."""
+    if probs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("probs: a sparse teacher's probabilities get no gradient; detach them")
     logq = _sparse_logq(s, probs, index, remainder, sum_tol, mask)
     if mask is not None:
         s = torch.where(mask.bool()[:, None], s, torch.zeros_like(s))
-    _, _, _, _, a, b = _row_stats_logq(spec, s, logq)
-    return _row_loss(spec, a, b, weight, mask)
+    return _ClosedFormRows.apply(spec, s, logq, weight, mask, True)
 
 
 def sparse_divergence_rows_and_grad(

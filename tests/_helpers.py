@@ -115,12 +115,12 @@ def rel_err(a, b):
 #     assert_grad_close). Float32 values below 2^-126 (p underflowing in float32 but not in
 #     float64, e.g. with logits of 1e4) may be lost entirely: an absolute 2^-126 * 4 Z per
 #     element covers them.
-# (4) Where a backend evaluates a formula with a known cancellation, its bound says so
-#     (divergence_bounds: the torch backend's autograd of expm1).
 # Observed (AVX2 CPU; ATen capabilities AVX2 and DEFAULT, kernel variants avx2 and base): the
 # float32 errors of the cpu, torch and triton backends stay below 0.06 of the float32 part
-# of the bound; the storage roundings and the torch backend's cancellation are bounded
-# tightly (up to 0.9 and 0.7 of their terms are reached).
+# of the bound; the storage roundings are bounded tightly (up to 0.9 of their terms is
+# reached). The torch backend's gradients are closed forms like the kernels' (until issue 15
+# it differentiated log1p(w expm1(-|d|)) by autograd, whose expm1(-|d|) + 1 cancels for
+# |d| >~ 10 and needed its own term here; tests/test_reference.py checks that it does not).
 # Both sides of the comparison are then checked elementwise: |got - ref| <= bound.
 
 U32 = 2.0**-24
@@ -226,16 +226,6 @@ def divergence_bounds(
     tiny = torch.finfo(torch.float32 if u == U32 else dtype).smallest_normal * 4.0 * z[:, None]
     grad_s = factor[:, None] * temperature * env_s + tiny
     grad_t = factor[:, None] * temperature * env_t + tiny
-    if backend == "torch" and mode == 1:
-        # Known defect of the torch backend (autograd through ssld_kernels/reference.py): the
-        # backward of expm1 in z = log1p(w expm1(-|d|)), d = lq - lp, forms expm1(-|d|) + 1,
-        # whose rounding (<= u absolute; float32: 2^-25) cancels e^-|d| for |d| >~ 10. The
-        # part of the gradient it carries is <= T min(p, q) per element (its two terms cancel
-        # to (1 - beta)^2 p^2 / M), so that part has relative error <= 2u e^|d|, capped at 1.
-        d = (lq - lp).abs()
-        carried = torch.minimum(p, q) * torch.clamp(2 * u * d.exp(), max=1.0)
-        extra = temperature * torch.where(torch.isnan(carried), 0.0, carried)
-        grad_s, grad_t = grad_s + extra, grad_t + extra
     return DivBounds(loss=factor * loss_env, grad_s=grad_s, grad_t=grad_t)
 
 
