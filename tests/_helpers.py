@@ -24,31 +24,36 @@ def backend_params():
     return out
 
 
+def _combine(kind, beta, student, teacher, kl, mixture):
+    """The kind/beta dispatch of the oracles below, on their own representation of the
+    distributions: ``kl(x, y)`` is KL(x||y), ``mixture()`` gives M = beta*Q + (1-beta)*P."""
+    if kind == "kl" or (kind == "jsd" and beta == 0):
+        return kl(teacher, student)
+    if kind == "jsd" and beta == 1:
+        return kl(student, teacher)
+    if kind == "sym_kl":
+        return 0.5 * (kl(teacher, student) + kl(student, teacher))
+    m = mixture()
+    return beta * kl(teacher, m) + (1 - beta) * kl(student, m)
+
+
 def naive_divergence_rows(s, t, kind, beta, temperature):
     """TRL-style composition in float64 (log_softmax + kl_div + logsumexp of the mixture).
 
     Written independently of ssld_kernels.reference: used as the oracle for values and, through
     autograd, for gradients.
     """
-    s = s.double() / temperature
-    t = t.double() / temperature
-    ls = F.log_softmax(s, -1)
-    lt = F.log_softmax(t, -1)
+    ls = F.log_softmax(s.double() / temperature, -1)
+    lt = F.log_softmax(t.double() / temperature, -1)
 
     def kl(target_log, input_log):  # KL(target || input), x log x -> 0
         return F.kl_div(input_log, target_log, reduction="none", log_target=True).sum(-1)
 
-    if kind == "kl" or (kind == "jsd" and beta == 0):
-        out = kl(lt, ls)
-    elif kind == "jsd" and beta == 1:
-        out = kl(ls, lt)
-    elif kind == "sym_kl":
-        out = 0.5 * (kl(lt, ls) + kl(ls, lt))
-    else:
+    def mixture():
         b = torch.tensor(beta, dtype=torch.float64)
-        lm = torch.logsumexp(torch.stack([ls + torch.log1p(-b), lt + torch.log(b)]), 0)
-        out = beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
-    return out * temperature**2
+        return torch.logsumexp(torch.stack([ls + torch.log1p(-b), lt + torch.log(b)]), 0)
+
+    return _combine(kind, beta, ls, lt, kl, mixture) * temperature**2
 
 
 def prob_divergence_rows(s, q, kind, beta, temperature):
@@ -60,16 +65,10 @@ def prob_divergence_rows(s, q, kind, beta, temperature):
     def kl(a, b):
         return (torch.xlogy(a, a) - torch.xlogy(a, b)).sum(-1)
 
-    if kind == "kl" or (kind == "jsd" and beta == 0.0):
-        out = kl(q, ps)
-    elif kind == "jsd" and beta == 1.0:
-        out = kl(ps, q)
-    elif kind == "sym_kl":
-        out = 0.5 * (kl(q, ps) + kl(ps, q))
-    else:
-        mix = beta * q + (1 - beta) * ps
-        out = beta * kl(q, mix) + (1 - beta) * kl(ps, mix)
-    return out * temperature**2
+    def mixture():
+        return beta * q + (1 - beta) * ps
+
+    return _combine(kind, beta, ps, q, kl, mixture) * temperature**2
 
 
 def rel_err(a, b):
