@@ -46,7 +46,8 @@ from torch.autograd.function import once_differentiable
 
 from ssld_kernels import reference
 from ssld_kernels._backends import resolve_backend
-from ssld_kernels.divergence import _eager, softmax_divergence, softmax_divergence_and_grad
+from ssld_kernels._torch_compat import eager as _eager
+from ssld_kernels.divergence import softmax_divergence, softmax_divergence_and_grad
 
 __all__ = [
     "fused_linear_divergence",

@@ -100,24 +100,22 @@ def _op_backends():
 
 @pytest.mark.parametrize("backend", _op_backends())
 def test_opcheck(backend):
+    """Schemas, fakes and dispatch of the private ops. They carry no autograd formula of their
+    own: gradients come from the one autograd Function that calls them when traced (checked
+    by the torch.compile tests below)."""
     s, t = _xy(5, 33)
-    s.requires_grad_()
     w = torch.rand(5) + 0.5
     m = torch.tensor([True, False, True, True, False])
     ops = torch.ops.ssld_kernels
     sp = (False, 0.0)  # dense teacher: no index, the sparse-only arguments unused
-    args = (1, 0.5, 0.5, 0.5, 1.0, *sp)
-    torch.library.opcheck(ops.divergence_fwd, (s, t, None, w, m, *args, backend))
-    args0 = (0, 0.5, 0.5, 0.5, 0.5, *sp)
-    torch.library.opcheck(ops.divergence_fwd, (s, t, None, None, None, *args0, backend))
-    _, stats = ops.divergence_fwd(s.detach(), t, None, w, m, *args, backend)
+    args = (1, 0.5, 0.5, 0.5, 1.0, *sp, backend)  # Kernel.flat(): spec, uniform, sum_tol, backend
+    torch.library.opcheck(ops.divergence_fwd, (s, t, None, w, m, *args))
+    args0 = (0, 0.5, 0.5, 0.5, 0.5, *sp, backend)
+    torch.library.opcheck(ops.divergence_fwd, (s, t, None, None, None, *args0))
+    _, stats = ops.divergence_fwd(s, t, None, w, m, *args)
     g = torch.rand(5)
-    torch.library.opcheck(
-        ops.divergence_bwd, (s.detach(), t, None, w, m, stats, g, *args, True, True, backend)
-    )
-    torch.library.opcheck(
-        ops.divergence_fwd_grad, (s.detach(), t, None, w, m, g, *args, False, backend)
-    )
+    torch.library.opcheck(ops.divergence_bwd, (s, t, None, w, m, stats, g, True, True, *args))
+    torch.library.opcheck(ops.divergence_fwd_grad, (s, t, None, w, m, g, False, *args))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

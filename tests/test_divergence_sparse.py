@@ -23,7 +23,7 @@ from _helpers import (
 
 import ssld_kernels as sk
 from ssld_kernels import SparseTeacher, reference
-from ssld_kernels.divergence import _sparse_impl
+from ssld_kernels.divergence.sparse import _sparse_impl
 
 # (leading shape, C, m): odd sizes; C = 4099 spans two class chunks of the Triton kernel,
 # m = 64 a full chunk of top entries, m = C = 100 (below) two of them.
@@ -498,27 +498,22 @@ def test_backend_routing():
 @pytest.mark.skipif("triton" not in sk.available_backends("cpu"), reason="triton missing")
 def test_opcheck():
     s, probs, index = _sparse((5,), 33, 4)
-    s.requires_grad_()
     w = torch.rand(5) + 0.5
     m = torch.tensor([True, False, True, True, False])
     tol = reference.sparse_sum_tol(probs.dtype)
     ops = torch.ops.ssld_kernels
-    args = (1, 0.5, 0.5, 0.5, 1.0, True, tol)
-    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, w, m, *args, "triton"))
-    args0 = (0, 0.0, 0.0, 1.0, 0.5, False, tol)
-    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, None, None, *args0, "triton"))
-    _, stats = ops.divergence_fwd(s.detach(), probs, index, w, m, *args, "triton")
+    args = (1, 0.5, 0.5, 0.5, 1.0, True, tol, "triton")  # Kernel.flat()
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, w, m, *args))
+    args0 = (0, 0.0, 0.0, 1.0, 0.5, False, tol, "triton")
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, None, None, *args0))
+    _, stats = ops.divergence_fwd(s, probs, index, w, m, *args)
     assert stats.shape == (5, 4)
     g = torch.rand(5)
     for need_s in (True, False):  # a skipped gradient is an empty tensor, as the fake says
         torch.library.opcheck(
-            ops.divergence_bwd,
-            (s.detach(), probs, index, w, m, stats, g, *args, need_s, False, "triton"),
+            ops.divergence_bwd, (s, probs, index, w, m, stats, g, need_s, False, *args)
         )
-    torch.library.opcheck(
-        ops.divergence_fwd_grad,
-        (s.detach(), probs, index.int(), w, m, g, *args0, False, "triton"),
-    )
+    torch.library.opcheck(ops.divergence_fwd_grad, (s, probs, index.int(), w, m, g, False, *args0))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
