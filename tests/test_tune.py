@@ -493,17 +493,12 @@ def test_torch_compile_symbolic_class_count_cpu():
     assert counter.frame_count == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="library bug: dynamo evaluates resolve_backend's guard `type(n_cols) is not int` "
-    "to False for a symbolic C (its type traces as int), so for CUDA tensors the SymInt "
-    "reaches the assume_constant_result function _resolve_static, which cannot convert it",
-)
 def test_torch_compile_symbolic_class_count(fake_gpu):
     """A symbolic C (dynamic=True) reaches resolve_backend as "unknown": no failed constant
     conversion in assume_constant_result, no specialisation on C, so the static order
-    ("cuda") where a concrete C gets the table's pick ("triton" for bfloat16 "fused")."""
+    ("cuda") where a concrete C gets the table's pick ("triton" for bfloat16 "fused").
+    Issue 15: dynamo traces ``type(C)`` of a SymInt as int, so the SymInt used to reach
+    _resolve_static on CUDA tensors and fail there."""
     tune.write_table(fake_gpu, _table())
     f, fn, counter, factors = _compiled_resolution(CUDA0, BF16)  # no kernel is launched
     for c in (17, 23):
@@ -511,6 +506,11 @@ def test_torch_compile_symbolic_class_count(fake_gpu):
         torch.testing.assert_close(f(x), x * factors["triton"])  # eager: the table
         torch.testing.assert_close(fn(x), x * factors["cuda"])  # compiled: static order
     assert counter.frame_count == 1  # one graph for both class counts
+    # static shapes: C is a constant while tracing, and the compiled graph uses the table
+    torch._dynamo.reset()
+    static = torch.compile(f, dynamic=False, fullgraph=True, backend="aot_eager")
+    x = torch.ones(4, 17, dtype=BF16)
+    torch.testing.assert_close(static(x), x * factors["triton"])
 
 
 def test_describe_reports_table(fake_gpu, monkeypatch):
