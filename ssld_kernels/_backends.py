@@ -30,9 +30,6 @@ from torch.fx.experimental.symbolic_shapes import has_static_value
 from ssld_kernels import _tune_table
 from ssld_kernels._tune_table import BACKENDS, TUNE_MODES, describe_tune, tuned_order
 
-# re-exported for ssld_kernels.divergence until it imports _tune_table
-launch_config = _tune_table.launch_config
-
 ENV_VAR = "SSLD_KERNELS_BACKEND"
 _LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
