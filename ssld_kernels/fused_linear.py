@@ -103,6 +103,9 @@ class _Options(NamedTuple):
     backend: str
 
 
+_N_OPTIONS = len(_Options._fields)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -317,11 +320,12 @@ def _fused_op(
 
 
 @_fused_op.register_fake
-def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, row_weight, factor, *args):
-    dtype, need_h, need_w, need_b = args[11], args[14], args[15], args[16]
+def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, row_weight, factor, *rest):
+    opt = _Options(*rest[:_N_OPTIONS])  # the op's trailing arguments: the options, then
+    need_h, need_w, need_b = rest[_N_OPTIONS:]  # which gradients
     n, hidden = h_s.shape
     v = w_s.shape[0]
-    acc = _acc(dtype)
+    acc = _acc(opt.s_dtype)
     rows = h_s.new_empty((n,), dtype=acc)
     gh = h_s.new_empty((n, hidden), dtype=_grad_h_dtype(h_s.dtype)) if need_h else _empty(h_s)
     gw = h_s.new_empty((v, hidden), dtype=acc) if need_w else h_s.new_empty(0, dtype=acc)
