@@ -109,13 +109,15 @@ def test_opcheck(backend):
     ops = torch.ops.ssld_kernels
     sp = (False, 0.0)  # dense teacher: no index, the sparse-only arguments unused
     args = (1, 0.5, 0.5, 0.5, 1.0, *sp, backend)  # Kernel.flat(): spec, uniform, sum_tol, backend
-    torch.library.opcheck(ops.divergence_fwd, (s, t, None, w, m, *args))
+    torch.library.opcheck(ops.divergence_fwd, (s, t, None, w, m, None, False, *args))
     args0 = (0, 0.5, 0.5, 0.5, 0.5, *sp, backend)
-    torch.library.opcheck(ops.divergence_fwd, (s, t, None, None, None, *args0))
-    _, stats = ops.divergence_fwd(s, t, None, w, m, *args)
+    torch.library.opcheck(ops.divergence_fwd, (s, t, None, None, None, None, False, *args0))
+    _, stats, gs, gt = ops.divergence_fwd(s, t, None, w, m, None, True, *args)
+    assert gs.numel() == 0 and gt.numel() == 0  # no grad_rows: no gradients, as the fake says
     g = torch.rand(5)
     torch.library.opcheck(ops.divergence_bwd, (s, t, None, w, m, stats, g, True, True, *args))
-    torch.library.opcheck(ops.divergence_fwd_grad, (s, t, None, w, m, g, False, *args))
+    for need_t in (False, True):  # the fused path: grad_rows given
+        torch.library.opcheck(ops.divergence_fwd, (s, t, None, w, m, g, need_t, *args))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -503,17 +503,17 @@ def test_opcheck():
     tol = reference.sparse_sum_tol(probs.dtype)
     ops = torch.ops.ssld_kernels
     args = (1, 0.5, 0.5, 0.5, 1.0, True, tol, "triton")  # Kernel.flat()
-    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, w, m, *args))
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, w, m, None, False, *args))
     args0 = (0, 0.0, 0.0, 1.0, 0.5, False, tol, "triton")
-    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, None, None, *args0))
-    _, stats = ops.divergence_fwd(s, probs, index, w, m, *args)
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index, None, None, None, False, *args0))
+    _, stats, _, _ = ops.divergence_fwd(s, probs, index, w, m, None, False, *args)
     assert stats.shape == (5, 4)
     g = torch.rand(5)
     for need_s in (True, False):  # a skipped gradient is an empty tensor, as the fake says
         torch.library.opcheck(
             ops.divergence_bwd, (s, probs, index, w, m, stats, g, need_s, False, *args)
         )
-    torch.library.opcheck(ops.divergence_fwd_grad, (s, probs, index.int(), w, m, g, False, *args0))
+    torch.library.opcheck(ops.divergence_fwd, (s, probs, index.int(), w, m, g, False, *args0))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -39,11 +39,9 @@ class _Traced:
 
     @staticmethod
     def forward(x: Rows, k: Kernel, grad_rows=None, need_grad_t=False):
-        if grad_rows is None:
-            row_loss, stats = _ops.divergence_fwd(*x, *k.flat())
-            return row_loss, stats, None, None
-        row_loss, gs, gt = _ops.divergence_fwd_grad(*x, grad_rows, need_grad_t, *k.flat())
-        return row_loss, None, gs, gt if need_grad_t else None
+        row_loss, stats, gs, gt = _ops.divergence_fwd(*x, grad_rows, need_grad_t, *k.flat())
+        fused = grad_rows is not None
+        return row_loss, stats, gs if fused else None, gt if fused and need_grad_t else None
 
     @staticmethod
     def backward(x: Rows, k: Kernel, stats, grad_rows, need_s, need_t):

@@ -43,12 +43,17 @@ def check_pair(s, t) -> None:
         raise ValueError(
             f"shape mismatch: student_logits {tuple(s.shape)} vs teacher_logits {tuple(t.shape)}"
         )
+    check_teacher_beside(s, t, "teacher_logits")
+
+
+def check_teacher_beside(s: Tensor, t: Tensor, name: str) -> None:
+    """The teacher tensor ``t`` (logits, or a SparseTeacher's probs) on the student's device,
+    and float64 only together with float64 student logits."""
     if s.device != t.device:
-        raise ValueError(f"student_logits is on {s.device} but teacher_logits is on {t.device}")
+        raise ValueError(f"student_logits is on {s.device} but {name} is on {t.device}")
     if (s.dtype == torch.float64) != (t.dtype == torch.float64):
         raise TypeError(
-            f"float64 logits need float64 for both: student_logits is {s.dtype}, "
-            f"teacher_logits is {t.dtype}"
+            f"float64 needs float64 for both: student_logits is {s.dtype}, {name} is {t.dtype}"
         )
 
 

@@ -144,8 +144,10 @@ def _mask_u8(mask: Tensor | None) -> Tensor | None:
 
 def launch_forward(x: Rows, k: Kernel, grad_rows: Tensor | None = None, need_grad_t=False):
     """-> (row_loss, stats, grad_s or None, grad_t or None). With ``grad_rows`` the same
-    launch also writes the gradients of sum_r grad_rows[r] * row_loss[r] (the fused path)."""
+    launch also writes the gradients of sum_r grad_rows[r] * row_loss[r] (the fused path):
+    the student's, and the teacher's with ``need_grad_t``."""
     need_s = grad_rows is not None
+    need_grad_t = need_grad_t and need_s
     if x.index is not None:
         if k.backend != "triton":
             raise ValueError(f"the sparse-teacher kernel is triton's, got backend {k.backend!r}")

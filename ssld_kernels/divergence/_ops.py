@@ -17,7 +17,7 @@ from ssld_kernels._abi import SPARSE_STATS_WIDTH, STATS_WIDTH
 
 from ._launch import Kernel, Rows, acc_dtype, launch_backward, launch_forward
 
-__all__ = ["divergence_fwd", "divergence_bwd", "divergence_fwd_grad"]
+__all__ = ["divergence_fwd", "divergence_bwd"]
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -31,6 +31,8 @@ def divergence_fwd(
     index: Tensor | None,
     weight: Tensor | None,
     mask: Tensor | None,
+    grad_rows: Tensor | None,
+    need_grad_t: bool,
     mode: int,
     beta: float,
     coef_a: float,
@@ -39,11 +41,13 @@ def divergence_fwd(
     uniform: bool,
     sum_tol: float,
     backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Per-row loss (n,) and the statistics the backward reuses."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row loss (n,) and the statistics the backward reuses; with ``grad_rows`` (the fused
+    path) also the gradients of sum_r grad_rows[r] * row_loss[r] from the same launch."""
     k = Kernel.from_flat(mode, beta, coef_a, coef_b, inv_temp, uniform, sum_tol, backend)
-    row_loss, stats, _, _ = launch_forward(Rows(s, t, index, weight, mask), k)
-    return row_loss, stats
+    x = Rows(s, t, index, weight, mask)
+    row_loss, stats, gs, gt = launch_forward(x, k, grad_rows, need_grad_t)
+    return row_loss, stats, gs if gs is not None else _empty(s), gt if gt is not None else _empty(t)
 
 
 @torch.library.custom_op("ssld_kernels::divergence_bwd", mutates_args=())
@@ -73,31 +77,6 @@ def divergence_bwd(
     return gs if gs is not None else _empty(s), gt if gt is not None else _empty(t)
 
 
-@torch.library.custom_op("ssld_kernels::divergence_fwd_grad", mutates_args=())
-def divergence_fwd_grad(
-    s: Tensor,
-    t: Tensor,
-    index: Tensor | None,
-    weight: Tensor | None,
-    mask: Tensor | None,
-    grad_rows: Tensor,
-    need_grad_t: bool,
-    mode: int,
-    beta: float,
-    coef_a: float,
-    coef_b: float,
-    inv_temp: float,
-    uniform: bool,
-    sum_tol: float,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused: per-row loss and the gradients of sum_r grad_rows[r] * row_loss[r], one pass."""
-    k = Kernel.from_flat(mode, beta, coef_a, coef_b, inv_temp, uniform, sum_tol, backend)
-    x = Rows(s, t, index, weight, mask)
-    row_loss, _, gs, gt = launch_forward(x, k, grad_rows, need_grad_t)
-    return row_loss, gs, gt if gt is not None else _empty(t)
-
-
 # ----------------------------------------------------------------------------------------------
 # fakes: shapes and dtypes only
 # ----------------------------------------------------------------------------------------------
@@ -115,16 +94,17 @@ def _fake_grad(x: Tensor, needed: bool) -> Tensor:
 
 
 @divergence_fwd.register_fake
-def _(s, t, index, weight, mask, *kernel):
-    return _fake_rows(s, index)
+def _(s, t, index, weight, mask, grad_rows, need_grad_t, *kernel):
+    row_loss, stats = _fake_rows(s, index)
+    fused = grad_rows is not None
+    return (
+        row_loss,
+        stats,
+        _fake_grad(s, fused),
+        _fake_grad(t, fused and need_grad_t and index is None),
+    )
 
 
 @divergence_bwd.register_fake
 def _(s, t, index, weight, mask, stats, grad_rows, need_grad_s, need_grad_t, *kernel):
     return _fake_grad(s, need_grad_s), _fake_grad(t, need_grad_t and index is None)
-
-
-@divergence_fwd_grad.register_fake
-def _(s, t, index, weight, mask, grad_rows, need_grad_t, *kernel):
-    row_loss, _ = _fake_rows(s, index)
-    return row_loss, _fake_grad(s, True), _fake_grad(t, need_grad_t and index is None)

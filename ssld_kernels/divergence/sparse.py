@@ -11,7 +11,14 @@ from ssld_kernels import reference
 from ssld_kernels._backends import backend_status, resolve_backend
 
 from ._autograd import grad_rows_of, kernel_loss, kernel_loss_and_grad
-from ._checks import FLOAT_DTYPES, check_logits_arg, check_options, describe, rows
+from ._checks import (
+    FLOAT_DTYPES,
+    check_logits_arg,
+    check_options,
+    check_teacher_beside,
+    describe,
+    rows,
+)
 from ._launch import Kernel, Rows, acc_dtype
 
 __all__ = ["SparseTeacher"]
@@ -163,13 +170,7 @@ def _prepare_sparse(student_logits, teacher, *, kind, beta, temperature, reducti
         raise ValueError(
             f"SparseTeacher has m={m} entries per row but student_logits has only {c} classes"
         )
-    if probs.device != s.device:
-        raise ValueError(f"student_logits is on {s.device} but SparseTeacher is on {probs.device}")
-    if (s.dtype == torch.float64) != (probs.dtype == torch.float64):
-        raise TypeError(
-            f"float64 needs float64 for both: student_logits is {s.dtype}, "
-            f"SparseTeacher.probs is {probs.dtype}"
-        )
+    check_teacher_beside(s, probs, "SparseTeacher.probs")
     weight, mask, spec, lead = check_options(s, kind, beta, temperature, reduction, weight, mask)
     if teacher.remainder == "ignore" and m < c and spec.mode == 0 and spec.coef_a != 0:
         what = "kind='jsd' with beta=1" if kind == "jsd" else f"kind={kind!r}"
