@@ -29,7 +29,7 @@ gradients are computed in the forward (the loss is the last op of the graph, as 
 Liger-Kernel's fused-linear losses) and the backward scales them by the incoming gradient; with
 ``reduction="none"`` the incoming gradient is per row, so the backward runs the chunks again.
 
-Layering as in divergence.py: launcher ``_fused_forward`` (the chunk loop) -> private
+Layering as in ssld_kernels/divergence/: launcher ``_fused_forward`` (the chunk loop) -> private
 ``torch.library.custom_op`` with ``register_fake`` (what torch.compile and tracers see) ->
 ``_FusedLinearDivergenceFunction`` -> :func:`fused_linear_divergence` -> ``nn.Module``.
 Nothing reads a value back to the host: a mean's denominator stays a device tensor.

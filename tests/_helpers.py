@@ -296,7 +296,7 @@ def assert_grad_close(got, ref, bound, what="gradient", backend=None):
 
     The storage may round twice (2 u_out |g|): a gradient kept from the forward pass is
     stored in the input dtype and then scaled in place by grad_output (documented for
-    bfloat16 in ssld_kernels.divergence._grad_in_forward). ``backend``: see store_roundoff."""
+    bfloat16 in ssld_kernels.divergence._autograd.grad_in_forward). ``backend``: see store_roundoff."""
     u = store_roundoff(got.dtype, backend, got.device.type)
     ref = ref.detach().double().cpu()
     total = bound * (1 + 2 * u) + 2 * u * ref.abs() + 2 * half_subnormal(got.dtype)
