@@ -33,6 +33,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -97,6 +98,42 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class Distributed(NamedTuple):
+    """What :meth:`Trainer.build_distributed` sets up for this process."""
+
+    world: int
+    rank: int
+    device: torch.device
+    micro_batch: int  # images per forward: run.batch_size / (world * run.grad_accum)
+
+
+class TrainData(NamedTuple):
+    """What :meth:`Trainer.build_data` builds: inputs, their order, the step counts."""
+
+    classes: list[str] | None  # data.train's class names (None: synthetic or unlabeled only)
+    normalize: nn.Module
+    autoaugment: nn.Module | None
+    trainset: TrainSet | None  # None for synthetic data
+    sampler: ResumableSampler
+    loader: Any  # DataLoader or DaliLoader; None for synthetic data
+    steps_per_epoch: int
+    total_steps: int
+    num_epochs: int
+    val: ev.ValSet | None
+
+
+class Models(NamedTuple):
+    """What :meth:`Trainer.build_models` builds."""
+
+    student: nn.Module  # wrapped (DDP, torch.compile) as trained
+    student_raw: nn.Module  # unwrapped: the optimizer's parameters
+    teacher: nn.Module | None  # None when loss.kd_weight is 0
+    ema: nn.Module | None
+    num_classes: int
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+
+
 class Trainer:
     """Distillation (``mode="train"``, T ∪ U) or finetuning (``mode="finetune"``, T only).
 
@@ -110,9 +147,17 @@ class Trainer:
         self.cfg, self.mode, self.init, self.resume = cfg, mode, init, resume
         self.log = log or (lambda *a: None)
         self.out = Path(cfg.run.out)
-        self.build_distributed()
-        self.build_data()
-        self.build_models()
+        self.world, self.rank, self.device, self.micro_batch = self.build_distributed()
+        data = self.build_data()
+        self.classes, self.trainset, self.val = data.classes, data.trainset, data.val
+        self.normalize, self.autoaugment = data.normalize, data.autoaugment
+        self.sampler, self.loader = data.sampler, data.loader
+        self.steps_per_epoch, self.total_steps = data.steps_per_epoch, data.total_steps
+        self.num_epochs = data.num_epochs
+        models = self.build_models()
+        self.student, self.student_raw, self.ema = models.student, models.student_raw, models.ema
+        self.teacher, self.num_classes = models.teacher, models.num_classes
+        self.amp_dtype, self.scaler = models.amp_dtype, models.scaler
         self.cache = self.build_cache(self.num_classes)
         if self.cache is not None:  # the DataLoader's workers read the rows (first iteration)
             self.trainset.cache = self.cache.reader()
@@ -132,50 +177,50 @@ class Trainer:
 
     # ---- build steps ----
 
-    def build_distributed(self) -> None:
+    def build_distributed(self) -> Distributed:
         """world, rank, device (``run.device``; under torchrun ``cuda`` is the local GPU),
-        micro_batch; the process group."""
+        micro_batch; sets up the process group, the current GPU, determinism and the seed."""
         env = process_env()
-        self.world, self.rank = env.world, env.rank
         try:
-            self.device = resolve_device(self.cfg.run.device, env.local_rank)
+            device = resolve_device(self.cfg.run.device, env.local_rank)
         except DeviceError as e:
             raise C.ConfigError(f"run.device: {e}") from None
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         B, accum = self.cfg.run.batch_size, self.cfg.run.grad_accum
-        if B % (self.world * accum):
+        if B % (env.world * accum):
             raise C.ConfigError(
-                f"run.batch_size={B} is not divisible by {self.world} processes x "
+                f"run.batch_size={B} is not divisible by {env.world} processes x "
                 f"run.grad_accum={accum}"
             )
-        self.micro_batch = B // (self.world * accum)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if env.world > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
             torch.distributed.init_process_group(backend, init_method="env://")
         if self.cfg.run.deterministic:
             torch.use_deterministic_algorithms(True)
-        torch.manual_seed(self.cfg.run.seed + self.rank)
+        torch.manual_seed(self.cfg.run.seed + env.rank)
+        micro_batch = B // (env.world * accum)
+        return Distributed(world=env.world, rank=env.rank, device=device, micro_batch=micro_batch)
 
-    def build_data(self) -> None:
-        """classes, normalize, autoaugment, trainset, sampler, loader, the step counts, val."""
+    def build_data(self) -> TrainData:
+        """classes, normalize, autoaugment, trainset, sampler, loader, the step counts, val
+        (needs :meth:`build_distributed`'s world, rank, device, micro_batch)."""
         d, run = self.cfg.data, self.cfg.run
-        self.classes = None
-        self.normalize = Normalize(d.mean, d.std).to(self.device)
-        self.autoaugment = None
+        classes, trainset, loader = None, None, None
+        normalize = Normalize(d.mean, d.std).to(self.device)
+        autoaugment = None
         if d.autoaugment:
             try:
                 from kornia.augmentation.auto import AutoAugment
             except ImportError:
                 raise C.ConfigError("data.autoaugment needs kornia (pip install kornia)") from None
-            self.autoaugment = AutoAugment(policy="imagenet").to(self.device)
+            autoaugment = AutoAugment(policy="imagenet").to(self.device)
         if d.synthetic:
-            self.sampler = ResumableSampler(d.synthetic_size, run.batch_size, self.world, self.rank)
-            self.loader = None
+            sampler = ResumableSampler(d.synthetic_size, run.batch_size, self.world, self.rank)
         else:
             sources = []
             if d.train is not None:
-                self.classes, items = class_folder(d.train)
+                classes, items = class_folder(d.train)
                 sources.append((Path(d.train), [p for p, _ in items], [y for _, y in items]))
             if d.unlabeled is not None and self.mode == "train":
                 root, paths = unlabeled_list(d.unlabeled, d.unlabeled_root)
@@ -183,17 +228,17 @@ class Trainer:
             if not sources:
                 raise C.ConfigError("finetuning needs data.train (the labeled set T)")
             tf = TrainTransform(d.input_size, d.min_scale, d.hflip, run.seed)
-            self.trainset = TrainSet(sources, tf, replay=d.crop_replay)
-            self.sampler = ResumableSampler(
-                len(self.trainset), run.batch_size, self.world, self.rank, run.seed
+            trainset = TrainSet(sources, tf, replay=d.crop_replay)
+            sampler = ResumableSampler(
+                len(trainset), run.batch_size, self.world, self.rank, run.seed
             )
             if d.loader == "dali":
                 from ssld.data.dali import DaliLoader
 
                 try:
-                    self.loader = DaliLoader(
-                        self.trainset,
-                        self.sampler,
+                    loader = DaliLoader(
+                        trainset,
+                        sampler,
                         self.micro_batch,
                         device=self.device,
                         decode=d.dali_decode,
@@ -202,27 +247,38 @@ class Trainer:
                 except ValueError as e:
                     raise C.ConfigError(f"data.dali_decode: {e}") from None
             else:
-                self.loader = self._torch_loader()
-        self.steps_per_epoch = self.sampler.batches_per_epoch
+                loader = self._torch_loader(trainset, sampler)
+        steps_per_epoch = sampler.batches_per_epoch
         o = self.cfg.optim
-        self.total_steps = o.steps if o.steps else o.epochs * self.steps_per_epoch
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.val = None
+        total_steps = o.steps if o.steps else o.epochs * steps_per_epoch
+        num_epochs = math.ceil(total_steps / steps_per_epoch)
+        val = None
         if d.val is not None:
-            self.val = ev.val_set(d.val)
-            val_classes = self.val.classes
-            if self.classes is not None and val_classes != self.classes:
+            val = ev.val_set(d.val)
+            if classes is not None and val.classes != classes:
                 raise C.ConfigError(
                     f"data.val classes differ from data.train classes "
-                    f"({len(val_classes)} vs {len(self.classes)}, e.g. {val_classes[:3]})"
+                    f"({len(val.classes)} vs {len(classes)}, e.g. {val.classes[:3]})"
                 )
+        return TrainData(
+            classes=classes,
+            normalize=normalize,
+            autoaugment=autoaugment,
+            trainset=trainset,
+            sampler=sampler,
+            loader=loader,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            num_epochs=num_epochs,
+            val=val,
+        )
 
-    def _torch_loader(self):
+    def _torch_loader(self, trainset: TrainSet, sampler: ResumableSampler):
         d = self.cfg.data
         return torch.utils.data.DataLoader(
-            self.trainset,
+            trainset,
             batch_size=self.micro_batch,
-            sampler=self.sampler,
+            sampler=sampler,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=d.workers > 0,
@@ -230,7 +286,7 @@ class Trainer:
             **worker_options(d.workers),
         )
 
-    def build_models(self) -> None:
+    def build_models(self) -> Models:
         """The student, and the frozen teacher unless ``loss.kd_weight`` is 0 (supervised
         training or finetuning on labels only: no teacher is built, loaded or run); their
         number of classes, the EMA copy, autocast dtype and GradScaler."""
@@ -248,7 +304,7 @@ class Trainer:
             teacher = teacher.to(self.device)
             if cfg.run.channels_last:
                 teacher = teacher.to(memory_format=torch.channels_last)
-        self.num_classes = self._check_classes(student, teacher)
+        num_classes = self._check_classes(student, teacher)
         if teacher is not None:
             teacher.eval()
             if cfg.teacher.bn_train:  # PaddleClas: teacher BatchNorm uses batch statistics
@@ -257,21 +313,29 @@ class Trainer:
                         m.train()
         if cfg.run.sync_bn and self.world > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        self.ema = None
+        ema = None
         if cfg.run.ema > 0:
-            self.ema = copy.deepcopy(student).eval()
-            for p in self.ema.parameters():
+            ema = copy.deepcopy(student).eval()
+            for p in ema.parameters():
                 p.requires_grad_(False)
-        self.student_raw = student
+        student_raw = student
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             student = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if cfg.run.compile:
             student = torch.compile(student)
             teacher = torch.compile(teacher) if teacher is not None else None
-        self.student, self.teacher = student, teacher
-        self.amp_dtype = ev.autocast_dtype(cfg.run.amp, self.device)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        amp_dtype = ev.autocast_dtype(cfg.run.amp, self.device)
+        scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+        return Models(
+            student=student,
+            student_raw=student_raw,
+            teacher=teacher,
+            ema=ema,
+            num_classes=num_classes,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+        )
 
     def _check_classes(self, student, teacher) -> int:
         """The number of classes of the models' (N, classes) logits, checked against each
