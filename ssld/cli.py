@@ -86,6 +86,24 @@ def resolve_device(text: str, local_rank: int = 0):
         raise UsageError(f"argument --device: {e}") from None
 
 
+_DEVICE_HELP = "auto, cpu, cuda or cuda:i"
+
+
+def _add_device(group, default="auto", help=_DEVICE_HELP) -> None:
+    group.add_argument("--device", default=default, help=help)
+
+
+def _add_shard(group) -> None:
+    """--shard i/n of the stages that split their inputs (dedup, select); torchrun sets it."""
+    group.add_argument("--shard", type=_shard, default=None, help="i/n: this process's share")
+
+
+def _add_config(p, help="YAML recipe") -> None:
+    """--config and the KEY=VALUE overrides of the stages that read a TrainConfig."""
+    p.add_argument("--config", type=_existing_file, help=help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+
 @dataclass(frozen=True)
 class _Launch:
     """How this process was started: torchrun (WORLD_SIZE > 1, no --shard) or alone."""
@@ -175,8 +193,8 @@ def _add_dedup(sub) -> None:
     g.add_argument("--geometry", choices=("similarity", "homography", "none"), default="similarity")
     g.add_argument("--reproj-px", type=_positive_float, default=6.0, help="RANSAC tolerance")
     g = p.add_argument_group("execution")
-    g.add_argument("--shard", type=_shard, default=None, help="i/n: this process's share")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    _add_shard(g)
+    _add_device(g)
     g.add_argument("--backend", default=None, help="ssld_kernels backend (default: auto)")
     g.add_argument("--pictures", type=_nonneg_int, default=8, help="strongest pairs to draw")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -309,13 +327,13 @@ def _add_select(sub) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=_positive_int, default=256)
     g.add_argument("--workers", type=_nonneg_int, default=None, help="decoding processes")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:i")
+    _add_device(g)
     g.add_argument("--no-amp", action="store_true", help="fp32 instead of bf16 autocast on GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     g.add_argument("--topm", type=_nonneg_int, default=0, help="save top-m probabilities")
     g.add_argument("--checkpoint-seconds", type=_positive_float, default=300.0)
     g.add_argument("--max-batches", type=_positive_int, help="stop after N batches (resumable)")
-    g.add_argument("--shard", type=_shard, default=None, help="i/n: this process's share")
+    _add_shard(g)
     g.add_argument("--merge", action="store_true", help="only merge finished shard parts")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_select)
@@ -404,8 +422,7 @@ def _add_train(sub) -> None:
                 "continue an interrupted run at its last checkpoint; torchrun for many GPUs."
             ),
         )
-        p.add_argument("--config", type=_existing_file, help="YAML recipe")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+        _add_config(p)
         p.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
         p.add_argument(
             "--init",
@@ -425,12 +442,11 @@ def _add_train(sub) -> None:
             "data, no augmentation library. Prints the result, as JSON on its last line."
         ),
     )
-    p.add_argument("--config", type=_existing_file, help="YAML recipe (student and data)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    _add_config(p, help="YAML recipe (student and data)")
     p.add_argument("--checkpoint", required=True, type=_existing_file, help="student weights")
     p.add_argument("--val", type=_existing_dir, help="folder with class subfolders")
     p.add_argument("--out", help="also write the result to this JSON file")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:i (default: run.device)")
+    _add_device(p, default=None, help=f"{_DEVICE_HELP} (default: run.device)")
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument(
         "--workers",
@@ -520,7 +536,7 @@ def _add_demo(sub) -> None:
         ),
     )
     p.add_argument("--out", default="ssld-demo", help="output folder (default: ssld-demo)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:i")
+    _add_device(p, default="cpu", help="cpu, cuda or cuda:i")
     p.add_argument("--seeds", type=_positive_int, default=None, help="default 5 (ablation 3)")
     p.add_argument("--ablation", action="store_true", help="the paper's ablations instead")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
