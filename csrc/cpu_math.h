@@ -59,13 +59,26 @@ SSLD_ALWAYS_INLINE float pow2i(std::int32_t n) {
   return u2f(static_cast<std::uint32_t>(n + 127) << 23);
 }
 
-// exp for x already clamped to [-104, 89] (or NaN); Cephes polynomial on [-ln2/2, ln2/2].
-SSLD_ALWAYS_INLINE float exp_core(float xc) {
+// x = n ln2 + r with n = round(x / ln 2) and |r| <= ln2/2 (Cephes two-constant split), for
+// the exp and expm1 cores below.
+struct Ln2Reduced {
+  float r;
+  std::int32_t n;
+};
+SSLD_ALWAYS_INLINE Ln2Reduced reduce_ln2(float xc) {
   const float kn = fmadd(xc, kLog2e, kRoundMagic);
   const float n = kn - kRoundMagic;
   const std::int32_t ni = static_cast<std::int32_t>(f2u(kn) - kRoundMagicBits);
   float r = fmadd(n, -kLn2Hi, xc);
   r = fmadd(n, -kLn2Lo, r);
+  return {r, ni};
+}
+
+// exp for x already clamped to [-104, 89] (or NaN); Cephes polynomial on [-ln2/2, ln2/2].
+SSLD_ALWAYS_INLINE float exp_core(float xc) {
+  const Ln2Reduced red = reduce_ln2(xc);
+  const float r = red.r;
+  const std::int32_t ni = red.n;
   float y = 1.9875691500E-4f;
   y = fmadd(y, r, 1.3981999507E-3f);
   y = fmadd(y, r, 8.3334519073E-3f);
@@ -97,11 +110,9 @@ SSLD_ALWAYS_INLINE float exp_nonpos(float x) {
 
 // expm1 for x already clamped to [-30, 89] (or NaN).
 SSLD_ALWAYS_INLINE float expm1_core(float xc) {
-  const float kn = fmadd(xc, kLog2e, kRoundMagic);
-  const float n = kn - kRoundMagic;
-  const std::int32_t ni = static_cast<std::int32_t>(f2u(kn) - kRoundMagicBits);
-  float r = fmadd(n, -kLn2Hi, xc);
-  r = fmadd(n, -kLn2Lo, r);
+  const Ln2Reduced red = reduce_ln2(xc);
+  const float r = red.r;
+  const std::int32_t ni = red.n;
   // expm1(r) = r + r^2 (1/2 + r/6 + ... + r^5/5040), |r| <= ln2/2: truncation < 2e-8 relative
   float q = 1.0f / 5040.0f;
   q = fmadd(q, r, 1.0f / 720.0f);
@@ -147,15 +158,41 @@ SSLD_ALWAYS_INLINE float log1p_reduced(float f) {
 constexpr float kLn2HiLog = 6.9313812256e-01f;  // ln 2 split for k * ln 2 (k * hi exact)
 constexpr float kLn2LoLog = 9.0580006145e-06f;
 
+// v = 2^k (1 + m1) with 1 + m1 in [sqrt(1/2), sqrt(2)) (v positive and normal): the argument
+// reduction of log, log1p and log1p_m1_0.
+struct Sqrt2Split {
+  float m1;
+  std::int32_t k;
+};
+SSLD_ALWAYS_INLINE Sqrt2Split split_sqrt2(float v) {
+  const std::uint32_t iv = f2u(v) + (0x3f800000u - 0x3f3504f3u);
+  return {u2f((iv & 0x007fffffu) + 0x3f3504f3u) - 1.0f,
+          static_cast<std::int32_t>(iv >> 23) - 0x7f};
+}
+
+// log1p(x) from sp = split_sqrt2(u), u = 1 + x rounded, and err, the exact rounding error of u
+// (u - (1 + x), negated), scaled here by 2^-kc (kc = sp.k, clamped where 2^-k is not normal):
+// for k = 0 the reduced argument is x itself (exact), otherwise m1 plus err / u, which only
+// needs a rough 1/(1 + m1) because |log1p(x)| > 0.34 there.
+SSLD_ALWAYS_INLINE float log1p_from_split(float x, Sqrt2Split sp, float err, std::int32_t kc) {
+  const bool k0 = sp.k == 0;
+  const float f = k0 ? x : sp.m1;
+  const float m1 = sp.m1;
+  const float inv_m = fmadd(-m1, fmadd(-m1, fmadd(-m1, 1.0f, 1.0f), 1.0f), 1.0f);  // ~1/(1+m1)
+  float c = err * pow2i(-kc) * inv_m;
+  c = k0 ? 0.0f : c;
+  const float dk = static_cast<float>(sp.k);
+  return fmadd(dk, kLn2HiLog, f + (fmadd(dk, kLn2LoLog, c) + log1p_reduced(f)));
+}
+
 // log(x); ~1 ulp.
 SSLD_ALWAYS_INLINE float log(float x) {
   const bool subnormal = x < 1.17549435e-38f;
   const float xs = subnormal ? x * 33554432.0f : x;  // 2^25
   const std::int32_t kadj = subnormal ? -25 : 0;
-  std::uint32_t ix = f2u(xs);
-  ix += 0x3f800000u - 0x3f3504f3u;  // reduce the mantissa into [sqrt(2)/2, sqrt(2))
-  const std::int32_t k = static_cast<std::int32_t>(ix >> 23) - 0x7f + kadj;
-  const float f = u2f((ix & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const Sqrt2Split sp = split_sqrt2(xs);
+  const std::int32_t k = sp.k + kadj;
+  const float f = sp.m1;
   const float dk = static_cast<float>(k);
   float res = fmadd(dk, kLn2HiLog, f + fmadd(dk, kLn2LoLog, log1p_reduced(f)));
   res = x < 0.0f ? kNaN : res;
@@ -165,23 +202,12 @@ SSLD_ALWAYS_INLINE float log(float x) {
   return res;
 }
 
-// log1p(x) = log(1 + x); ~1 ulp. Writes 1 + x = m 2^k with m in [sqrt(1/2), sqrt(2)); for k = 0
-// the reduced argument is x itself (exact), otherwise m - 1 plus the rounding error of 1 + x,
-// c / (1 + x), which only needs a rough 1/m because |log1p(x)| > 0.34 there.
+// log1p(x) = log(1 + x); ~1 ulp.
 SSLD_ALWAYS_INLINE float log1p(float x) {
   const float u = 1.0f + x;
-  std::uint32_t iu = f2u(u) + (0x3f800000u - 0x3f3504f3u);
-  const std::int32_t k = static_cast<std::int32_t>(iu >> 23) - 0x7f;
-  const float m1 = u2f((iu & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
-  const bool k0 = k == 0;
-  const float f = k0 ? x : m1;
-  float c = k >= 2 ? 1.0f - (u - x) : x - (u - 1.0f);  // exact rounding error of u
-  const float inv_m = fmadd(-m1, fmadd(-m1, fmadd(-m1, 1.0f, 1.0f), 1.0f), 1.0f);  // ~1/(1+m1)
-  const std::int32_t kc = k > 126 ? 126 : k;
-  c = c * pow2i(-kc) * inv_m;
-  c = k0 ? 0.0f : c;
-  const float dk = static_cast<float>(k);
-  float res = fmadd(dk, kLn2HiLog, f + (fmadd(dk, kLn2LoLog, c) + log1p_reduced(f)));
+  const Sqrt2Split sp = split_sqrt2(u);
+  const float err = sp.k >= 2 ? 1.0f - (u - x) : x - (u - 1.0f);  // exact rounding error of u
+  float res = log1p_from_split(x, sp, err, sp.k > 126 ? 126 : sp.k);
   res = x < -1.0f ? kNaN : res;
   res = x == -1.0f ? -kInf : res;
   res = x == kInf ? kInf : res;
@@ -192,16 +218,8 @@ SSLD_ALWAYS_INLINE float log1p(float x) {
 // log1p(x) for x in [-1, 0] (or NaN): log1p without the handling of large or invalid arguments.
 SSLD_ALWAYS_INLINE float log1p_m1_0(float x) {
   const float u = 1.0f + x;
-  std::uint32_t iu = f2u(u) + (0x3f800000u - 0x3f3504f3u);
-  const std::int32_t k = static_cast<std::int32_t>(iu >> 23) - 0x7f;  // in [-24, 0] (u > 0)
-  const float m1 = u2f((iu & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
-  const bool k0 = k == 0;
-  const float f = k0 ? x : m1;
-  const float inv_m = fmadd(-m1, fmadd(-m1, fmadd(-m1, 1.0f, 1.0f), 1.0f), 1.0f);
-  float c = (x - (u - 1.0f)) * pow2i(-k) * inv_m;
-  c = k0 ? 0.0f : c;
-  const float dk = static_cast<float>(k);
-  const float res = fmadd(dk, kLn2HiLog, f + (fmadd(dk, kLn2LoLog, c) + log1p_reduced(f)));
+  const Sqrt2Split sp = split_sqrt2(u);  // k in [-24, 0] (u > 0)
+  const float res = log1p_from_split(x, sp, x - (u - 1.0f), sp.k);
   return x == -1.0f ? -kInf : res;  // NaN propagates through the arithmetic
 }
 
