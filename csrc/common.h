@@ -30,25 +30,15 @@ inline const char* dtype_name(int d) {
   }
 }
 
-// Math (P = softmax(s / T), Q = softmax(t / T), logs natural):
-//   mode 1 (JSD, 0 < beta < 1):  M = beta*Q + (1-beta)*P
-//        A = KL(P || M) = sum_j p_j (log p_j - log M_j),   B = KL(Q || M)
-//   mode 0 (KL family):            A = KL(P || Q),            B = KL(Q || P)
+// Math: ssld_kernels/reference.py, the executable spec (its docstring has every formula). In
+// its terms, with P = softmax(s / T), Q = softmax(t / T): mode 1 is the JSD mixture
+// (X = Y = M), mode 0 the KL family (X = Q, Y = P); A = KL(P || X), B = KL(Q || Y);
 //   row loss = loss_scale * (coef_a * A + coef_b * B) * weight[row]   (0 where mask[row] == 0)
-//   (a term whose coefficient is 0 is skipped, so an infinite A or B cannot make it NaN)
-// Gradients (g = grad_scale * grad_rows[row * grad_rows_stride] * weight[row]; 0 where masked):
-//   mode 1: dL/ds_j = g * coef_a * p_j (ls_j - A),  dL/dt_j = g * coef_b * q_j (lt_j - B)
-//           with ls_j = log p_j - log M_j, lt_j = log q_j - log M_j
-//   mode 0: dL/ds_j = g * (coef_a * p_j (ls_j - A) + coef_b * (p_j - q_j)),
-//           dL/dt_j = g * (coef_b * q_j (lt_j - B) + coef_a * (q_j - p_j))
-//           with ls_j = log p_j - log q_j, lt_j = -ls_j
-// Terms with p_j == 0 (resp. q_j == 0) contribute exactly 0 (x log x -> 0), NaN propagates;
-// gradient terms whose coefficient is 0 are skipped too.
-// log p = (s_j * inv_temp - max_s) - log_sum_s with log_sum_s = log sum_j exp(s_j*inv_temp - max_s)
-// (max and log-sum kept apart: folding them into one float would round log p to ulp(max)).
-// log M is evaluated stably:  d = log q - log p,  z = log1p(w * expm1(-|d|)),
-//   w = beta if d <= 0 else 1 - beta;  log M - log p = z + max(d, 0);  log M - log q = z - min(d, 0)
-// so identical rows give exactly zero loss and gradient.
+//   g = grad_scale * grad_rows[row * grad_rows_stride] * weight[row]   (gradient row factor)
+// Per element the formulas are written once per backend: elem_terms / elem_grad_s /
+// elem_grad_t in divergence.cu, elem_logs / elem_grad in divergence_cpu.cpp.
+// log p = (s_j * inv_temp - max_s) - log_sum_s: max and log-sum are kept apart in the stats
+// (folding them into one float would round log p to ulp(max)).
 struct DivParams {
   // inputs: 2-D row views, last-dim stride 1, row strides in elements
   std::uintptr_t s = 0;

@@ -1,6 +1,6 @@
 // CPU kernels of the fused softmax + divergence loss (forward, fused forward+gradient, and
-// backward from saved row statistics). See common.h for the math and ssld_kernels/reference.py
-// for the executable specification.
+// backward from saved row statistics). The math: ssld_kernels/reference.py, the executable
+// specification; the parameter block: common.h.
 //
 // Compiled once per ISA (-DSSLD_CPU_ISA=base|avx2|avx512 with matching -m flags); everything
 // here lives in namespace ssld::SSLD_CPU_ISA and a dispatcher picks the variant at run time.
@@ -259,18 +259,48 @@ SSLD_NOINLINE void exp_shifted(const Acc* __restrict x, Acc* __restrict e, int64
   for (int64_t j = 0; j < n; ++j) e[j] = m_exp_nonpos(x[j] - m);
 }
 
-struct ModeConsts {
-  double beta, coef_a, coef_b;
+// ---------------------------------------------------------------- per-element math
+// The only place the per-element formulas are written (divergence.cu: elem_terms, elem_grad_*).
+// Math: ssld_kernels/reference.py (_xlogy_terms, _rows_and_grad), the executable spec.
+// Scalar inline functions of Acc (float, or double for float64 inputs), called element by
+// element from the forward, fused and backward loops, which GCC vectorises.
+
+template <class Acc>
+struct ElemLogs {
+  Acc ls, lt;  // log p - log X, log q - log Y
 };
 
-// In place: ps (= e_s on entry) -> p, qs -> q, xs (scaled student logits) -> ls, xt -> lt.
-//   d = log q - log p = (xt - xs) - dl,  dl = lse_t - lse_s
-//   mode 0: ls = -d, lt = d
-//   mode 1: z = log1p(w expm1(-|d|)), ls = -(z + max(d, 0)), lt = -(z - min(d, 0)),
-//           with d replaced by 0 where it is NaN while dl is finite: that is -inf - -inf,
-//           p = q = 0, whose terms are masked anyway (as in the reference). A NaN logit makes
-//           dl NaN, so the whole row, both gradients included, stays NaN. An infinite d needs
-//           no clamping.
+// From d = log q - log p. dl = lse_t - lse_s is only tested for NaN: where d is NaN but dl is
+// finite, d is -inf - -inf (p = q = 0, terms masked later) and is taken as 0, as in the
+// reference; a NaN logit makes dl NaN and keeps the whole row NaN. An infinite d needs no clamp.
+template <int MODE, class Acc>
+SSLD_ALWAYS_INLINE ElemLogs<Acc> elem_logs(Acc d, Acc dl, Acc beta, Acc omb) {
+  if constexpr (MODE == 0) {
+    return {-d, d};
+  } else {
+    const Acc dn = (d != d && dl == dl) ? Acc(0) : d;
+    const Acc w = dn <= Acc(0) ? beta : omb;
+    const Acc z = m_mix_log(w, m_abs(dn));
+    return {-(z + (dn > Acc(0) ? dn : Acc(0))), -(z - (dn < Acc(0) ? dn : Acc(0)))};
+  }
+}
+
+// Gradient of one side: own = p (student) or q (teacher), other = the other probability,
+// l = ls or lt, a = A or B, c_own = coef_a or coef_b, c_other = the other coefficient (mode 0).
+template <int MODE, class Acc>
+SSLD_ALWAYS_INLINE Acc elem_grad(Acc own, Acc other, Acc l, Acc a, Acc g, Acc c_own,
+                                 Acc c_other) {
+  const Acc mp = own == Acc(0) ? Acc(0) : own * (l - a);
+  const Acc own_term = c_own == Acc(0) ? Acc(0) : c_own * mp;
+  if constexpr (MODE == 0) {
+    return g * (own_term + c_other * (own - other));
+  } else {
+    return g * own_term;
+  }
+}
+
+// In place: ps (= e_s on entry) -> p, qs -> q, xs (scaled student logits) -> ls, xt -> lt,
+// with d = log q - log p = (xt - xs) - dl, dl = lse_t - lse_s.
 template <int MODE, class Acc>
 SSLD_NOINLINE void probs_and_logs(Acc* __restrict xs, Acc* __restrict xt, Acc* __restrict ps,
                                   Acc* __restrict qs, int64_t n, Acc inv_sum_s, Acc inv_sum_t,
@@ -279,26 +309,13 @@ SSLD_NOINLINE void probs_and_logs(Acc* __restrict xs, Acc* __restrict xt, Acc* _
     const Acc d = (xt[j] - xs[j]) - dl;
     ps[j] = ps[j] * inv_sum_s;
     qs[j] = qs[j] * inv_sum_t;
-    if constexpr (MODE == 0) {
-      xs[j] = -d;
-      xt[j] = d;
-    } else {
-      const Acc dn = (d != d && dl == dl) ? Acc(0) : d;  // p = q = 0 (see above)
-      const Acc w = dn <= Acc(0) ? beta : omb;
-      const Acc z = m_mix_log(w, m_abs(dn));
-      xs[j] = -(z + (dn > Acc(0) ? dn : Acc(0)));
-      xt[j] = -(z - (dn < Acc(0) ? dn : Acc(0)));
-    }
+    const ElemLogs<Acc> e = elem_logs<MODE>(d, dl, beta, omb);
+    xs[j] = e.ls;
+    xt[j] = e.lt;
   }
 }
 
-// Gradient of one side from stored probabilities (fused forward):
-//   own = p (student) or q (teacher), other = the other side, l = ls or lt, a = A or B,
-//   c_own = coef_a (student) or coef_b (teacher), c_other = the other coefficient
-//   out = g * ([c_own == 0 ? 0 :] c_own * (own == 0 ? 0 : own * (l - a))
-//              [+ c_other * (own - other)  in mode 0])
-// (the own term is skipped when its coefficient is 0, so an infinite A or B cannot turn into
-// 0 * inf = NaN). out may alias l.
+// Gradient of one side from stored probabilities (fused forward), see elem_grad. out may alias l.
 template <int MODE, class Acc>
 SSLD_NOINLINE void grad_from_probs(const Acc* __restrict own, const Acc* __restrict other,
                                    const Acc* l, Acc* out, int64_t n, Acc a, Acc g, Acc c_own,
@@ -306,14 +323,8 @@ SSLD_NOINLINE void grad_from_probs(const Acc* __restrict own, const Acc* __restr
   for (int64_t j = 0; j < n; ++j) {
     const Acc o = own[j];
     const Acc lj = l[j];
-    const Acc mp = o == Acc(0) ? Acc(0) : o * (lj - a);
-    const Acc own_term = c_own == Acc(0) ? Acc(0) : c_own * mp;
-    if constexpr (MODE == 0) {
-      const Acc oth = other[j];
-      out[j] = g * (own_term + c_other * (o - oth));
-    } else {
-      out[j] = g * own_term;
-    }
+    const Acc oth = MODE == 0 ? other[j] : Acc(0);
+    out[j] = elem_grad<MODE>(o, oth, lj, a, g, c_own, c_other);
   }
 }
 
@@ -338,40 +349,14 @@ SSLD_NOINLINE void backward_row(const Acc* s, const Acc* t, Acc* gs, Acc* gt, in
     // (tj - sj) * inv_temp rather than xt - xs: with FMA contraction (GCC's default for C++)
     // the latter may become fma(tj, inv_temp, -xs), which is not exactly 0 for tj == sj.
     const Acc d = (tj - sj) * inv_temp - dl;
-    Acc ls, lt;
-    if constexpr (MODE == 0) {
-      ls = -d;
-      lt = d;
-    } else {
-      const Acc dn = (d != d && dl == dl) ? Acc(0) : d;  // p = q = 0 (see probs_and_logs)
-      const Acc w = dn <= Acc(0) ? beta : omb;
-      const Acc z = m_mix_log(w, m_abs(dn));
-      ls = -(z + (dn > Acc(0) ? dn : Acc(0)));
-      lt = -(z - (dn < Acc(0) ? dn : Acc(0)));
-    }
+    const ElemLogs<Acc> e = elem_logs<MODE>(d, dl, beta, omb);
     constexpr bool kNeedP = GS || MODE == 0;
     constexpr bool kNeedQ = GT || MODE == 0;
     Acc p = Acc(0), q = Acc(0);
     if constexpr (kNeedP) p = m_exp((xs - ms) - ls_s);
     if constexpr (kNeedQ) q = m_exp((xt - mt) - ls_t);
-    if constexpr (GS) {
-      const Acc mp = p == Acc(0) ? Acc(0) : p * (ls - a);
-      const Acc own = coef_a == Acc(0) ? Acc(0) : coef_a * mp;
-      if constexpr (MODE == 0) {
-        gs[j] = g * (own + coef_b * (p - q));
-      } else {
-        gs[j] = g * own;
-      }
-    }
-    if constexpr (GT) {
-      const Acc mq = q == Acc(0) ? Acc(0) : q * (lt - b);
-      const Acc own = coef_b == Acc(0) ? Acc(0) : coef_b * mq;
-      if constexpr (MODE == 0) {
-        gt[j] = g * (own + coef_a * (q - p));
-      } else {
-        gt[j] = g * own;
-      }
-    }
+    if constexpr (GS) gs[j] = elem_grad<MODE>(p, q, e.ls, a, g, coef_a, coef_b);
+    if constexpr (GT) gt[j] = elem_grad<MODE>(q, p, e.lt, b, g, coef_b, coef_a);
   }
 }
 
