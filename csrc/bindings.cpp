@@ -45,6 +45,12 @@ PYBIND11_MODULE(_C, m) {
       F(n_groups) F(q_off) F(db_off) F(k) F(out_dist) F(out_idx) F(num_threads) F(stream)
       F(device) F(workspace) F(workspace_bytes);
 #undef F
+  // ABI constants of common.h; ssld_kernels/_abi.py must match (tests/test_abi.py).
+  m.attr("STATS_WIDTH") = ssld::kStatsWidth;
+  py::dict dtype_codes;
+  for (int d : {ssld::kFloat32, ssld::kFloat16, ssld::kBFloat16, ssld::kFloat64, ssld::kUInt8})
+    dtype_codes[ssld::dtype_name(d)] = d;
+  m.attr("DTYPE_CODES") = dtype_codes;
   m.def("cpu_isa", &ssld::cpu_isa, "instruction set of the CPU kernels in use");
   m.def("divergence_forward_cpu", &run_released<ssld::divergence_forward_cpu>);
   m.def("divergence_backward_cpu", &run_released<ssld::divergence_backward_cpu>);

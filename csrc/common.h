@@ -13,10 +13,13 @@
 
 namespace ssld {
 
+// The ABI constants below are mirrored in Python by ssld_kernels/_abi.py (STATS_WIDTH,
+// DTYPE_CODES), exported by bindings.cpp and compared by tests/test_abi.py.
+
 // Floats saved per row by the forward for the backward (see DivParams::stats).
 constexpr int kStatsWidth = 6;
 
-// dtype codes shared with ssld_kernels/divergence.py and match.py (_DTYPE_CODES).
+// dtype codes of DivParams::s_dtype / t_dtype and KnnParams::dtype.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kUInt8 = 4 };
 
 inline const char* dtype_name(int d) {

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from ssld_kernels import reference
+from ssld_kernels._abi import DTYPE_CODES
 from ssld_kernels._backends import ext, resolve_backend
 
 __all__ = ["match_knn", "match_pairs"]
 
-_DTYPE_CODES = {torch.float32: 0, torch.uint8: 4}
 MAX_K = 64
 
 
@@ -43,7 +43,7 @@ def _ext_launch(q, db, q_off, db_off, k, cuda: bool):
     p = ext().KnnParams()
     p.q, p.q_stride, p.nq_total = q.data_ptr(), q.stride(0), nq
     p.db, p.db_stride, p.ndb_total = db.data_ptr(), db.stride(0), db.shape[0]
-    p.dtype, p.dim = _DTYPE_CODES[q.dtype], q.shape[1]
+    p.dtype, p.dim = DTYPE_CODES[q.dtype], q.shape[1]
     p.n_groups, p.q_off, p.db_off = q_off.numel() - 1, q_off.data_ptr(), db_off.data_ptr()
     p.k, p.out_dist, p.out_idx = k, dist.data_ptr(), index.data_ptr()
     if cuda:

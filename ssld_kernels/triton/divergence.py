@@ -39,13 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ssld_kernels._abi import STATS_WIDTH  # floats saved per row for the backward
+
 __all__ = ["divergence_forward", "divergence_backward"]
 
 # Largest chunk of classes a program holds at once (4096 lanes over 8 warps: 16 elements
 # per thread per live vector). Longer rows loop over chunks.
 MAX_BLOCK = 4096
-# Floats saved per row for the backward: (max_s, log_sum_s, max_t, log_sum_t, A, B).
-STATS_WIDTH = 6
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def _divergence_fwd_kernel(
     WRITE_GRAD_T: tl.constexpr,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,
-    STATS_WIDTH: tl.constexpr = 6,
+    STATS_WIDTH: tl.constexpr = STATS_WIDTH,
 ):
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)
@@ -425,7 +425,7 @@ def _divergence_bwd_kernel(
     WRITE_GRAD_S: tl.constexpr,
     WRITE_GRAD_T: tl.constexpr,
     BLOCK: tl.constexpr,
-    STATS_WIDTH: tl.constexpr = 6,
+    STATS_WIDTH: tl.constexpr = STATS_WIDTH,
 ):
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)

@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssld_kernels._abi import SPARSE_STATS_WIDTH  # floats saved per row for the backward
 from ssld_kernels.triton.divergence import (
     _block_config,
     _device_guard,
@@ -67,8 +68,6 @@ from ssld_kernels.triton.divergence import (
 
 __all__ = ["sparse_divergence_forward", "sparse_divergence_backward"]
 
-# Floats saved per row for the backward: (max_s, log_sum_s, A, B).
-STATS_WIDTH = 4
 # Largest chunk of top entries a program holds at once (the duplicate check compares
 # M_BLOCK x M_BLOCK index pairs per step).
 MAX_M_BLOCK = 64
@@ -252,7 +251,7 @@ def _sparse_fwd_kernel(
     WRITE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     M_BLOCK: tl.constexpr,
-    STATS_WIDTH: tl.constexpr = 4,
+    STATS_WIDTH: tl.constexpr = SPARSE_STATS_WIDTH,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -389,7 +388,7 @@ def _sparse_bwd_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
     M_BLOCK: tl.constexpr,
-    STATS_WIDTH: tl.constexpr = 4,
+    STATS_WIDTH: tl.constexpr = SPARSE_STATS_WIDTH,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -495,7 +494,7 @@ def sparse_divergence_forward(
         s, probs, index, weight, mask, spec, uniform, sum_tol
     )
     row_loss = torch.empty(n, dtype=torch.float32, device=s.device)
-    stats = torch.empty((n, STATS_WIDTH), dtype=torch.float32, device=s.device)
+    stats = torch.empty((n, SPARSE_STATS_WIDTH), dtype=torch.float32, device=s.device)
     grad_s = torch.empty((n, n_cols), dtype=s.dtype, device=s.device) if need_grad_s else None
     if n == 0:
         return row_loss, stats, grad_s
@@ -534,9 +533,9 @@ def sparse_divergence_backward(
     grad_s = torch.empty((n, n_cols), dtype=s.dtype, device=s.device)
     if n == 0:
         return grad_s
-    if stats.shape != (n, STATS_WIDTH) or not stats.is_contiguous():
+    if stats.shape != (n, SPARSE_STATS_WIDTH) or not stats.is_contiguous():
         raise ValueError(
-            f"stats must be a contiguous ({n}, {STATS_WIDTH}) tensor, got {tuple(stats.shape)}"
+            f"stats must be a contiguous ({n}, {SPARSE_STATS_WIDTH}) tensor, got {tuple(stats.shape)}"
         )
     with _device_guard(s):
         _sparse_bwd_kernel[(n,)](
