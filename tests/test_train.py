@@ -348,7 +348,13 @@ def test_teacher_cache_skips_the_teacher_and_keeps_the_loss(digits, tmp_path):
         digits, tmp_path / "c32", cache, **{"data.cache_dtype": "float32"}
     )
     assert set(exact) == set(plain)
-    assert _rel(plain, exact) < 1e-5, _rel(plain, exact)
+    # Step 1 (same weights, same batch): the two float32 evaluations of the same 10-class sum
+    # (dense logits vs stored probabilities) differ by rounding only: |terms| <= Z ~ 10 summed
+    # over ~C + 5 operations, n u Z / loss ~ 15 * 6e-8 * 10 / 2.3 ~ 4e-6 relative. Later steps:
+    # SGD amplifies those differences (no closed bound; measured up to 2e-4 over 66 steps across
+    # ATen's CPU paths), so the run is checked at 1e-3, far below what a wrong cached row gives.
+    assert abs(plain[1] - exact[1]) / abs(plain[1]) < 4e-6, (plain[1], exact[1])
+    assert _rel(plain, exact) < 1e-3, _rel(plain, exact)
     # epoch 1 fills the cache (22 batches + the 15 images drop_last left out); epochs 2..3
     # never run the teacher
     assert calls == [0] * 23 and tr.teacher_forwards == 23
