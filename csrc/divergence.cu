@@ -2,20 +2,9 @@
 // backward from saved row statistics). The executable specification is
 // ssld_kernels/reference.py; the parameter block and the checks are in common.h.
 //
-// Math (per row r, x = s * inv_temp, y = t * inv_temp, fp32 accumulation):
-//   m_s = max(x), l_s = log sum exp(x - m_s) (likewise m_t, l_t for y)
-//   log p = (x - m_s) - l_s,  log q = (y - m_t) - l_t,  p = exp(log p),  q = exp(log q)
-//   mode 0 (KL family):  ls = log p - log q,  lt = -ls
-//   mode 1 (JSD):        d = log q - log p,  w = (d <= 0) ? beta : 1 - beta,
-//                        z = log1p(w * expm1(-|d|))          (= log M - log p - max(d, 0))
-//                        ls = -(z + max(d, 0)),  lt = -(z - min(d, 0))
-//   A = sum_j [p_j == 0 ? 0 : p_j * ls_j],  B = sum_j [q_j == 0 ? 0 : q_j * lt_j]
-//   row_loss = loss_scale * (coef_a * A + coef_b * B) * weight     (0 for masked rows)
-//   g = grad_scale * grad_rows[r * grad_rows_stride] * weight       (0 for masked rows)
-//   dL/ds_j = g * (coef_a * [p == 0 ? 0 : p (ls - A)] (+ coef_b (p - q) in mode 0))
-//   dL/dt_j = g * (coef_b * [q == 0 ? 0 : q (lt - B)] (+ coef_a (q - p) in mode 0))
-// The "== 0" tests (not "> 0") keep NaN propagating. All of it lives in elem_terms /
-// elem_grad_s / elem_grad_t below; every kernel goes through them.
+// Math: ssld_kernels/reference.py (every formula; the terms are DivParams' in common.h). Per
+// element it lives in elem_terms / elem_grad_s / elem_grad_t below and every kernel goes
+// through them; their "== 0" tests (not "> 0") keep NaN propagating.
 //
 // Launch strategy:
 //   * n_cols <= kWarpMaxCols (1024): warp-per-row kernels, kWarpRows (8) rows per 256-thread

@@ -148,10 +148,9 @@ def grad_in_forward(x: Rows, k: Kernel, need_t: bool) -> bool:
     if k.backend == "cpu":
         return True
     if k.backend == "triton":
-        from ssld_kernels.triton.divergence import _launch_config
+        from ssld_kernels.triton.divergence import row_fits_one_chunk
 
-        block = _launch_config(s.shape[0], c, launch_config("triton", s, t, "fused"))[0]
-        return c <= block
+        return row_fits_one_chunk(s, t)
     if k.backend == "cuda":
         cfg = launch_config("cuda", s, t, "fused") or {}
         return c <= 1024 or cfg.get("row_cache") == 1

@@ -1,24 +1,9 @@
 """Fused softmax + divergence loss from logits, forward and backward, in Triton.
 
-The math is the one of ``csrc/common.h`` (comment above ``struct DivParams``) and of
-``ssld_kernels/reference.py`` (the executable specification). With T = 1 / inv_temp,
-P = softmax(s / T) and Q = softmax(t / T) per row::
-
-    mode 1 (JSD):       M = beta*Q + (1-beta)*P,  A = KL(P || M),  B = KL(Q || M)
-    mode 0 (KL family): A = KL(P || Q),           B = KL(Q || P)
-    row_loss[r] = T^2 * (coef_a*A + coef_b*B) * weight[r]          (0 where mask[r] == 0)
-
-and, with g = T * grad_rows[r] * weight[r] (0 where masked), ls = log p - log X,
-lt = log q - log Y (X = Y = M in mode 1, X = Q and Y = P in mode 0)::
-
-    mode 1: dL/ds = g * coef_a * p * (ls - A)
-            dL/dt = g * coef_b * q * (lt - B)
-    mode 0: dL/ds = g * (coef_a * p * (ls - A) + coef_b * (p - q))
-            dL/dt = g * (coef_b * q * (lt - B) + coef_a * (q - p))
-
-Terms with p == 0 (q == 0) are exactly 0, NaN propagates, and log M is formed stably as
-``log M - log p = log1p(w * expm1(-|d|)) + max(d, 0)`` with d = log q - log p, so identical
-rows give exactly zero loss and gradient.
+The math is ``ssld_kernels/reference.py``, the executable specification: its docstring states
+the loss (``coef_a*A + coef_b*B`` over the row sums A and B, mode 0 the KL family, mode 1 the
+JSD mixture), the closed-form gradients and the stable log M these kernels use; the
+parameters are the terms of ``DivParams`` in ``csrc/common.h``.
 
 Kernels: one program per row, looping over the classes in chunks of ``BLOCK``:
 
@@ -41,7 +26,7 @@ import triton.language as tl
 
 from ssld_kernels._abi import STATS_WIDTH  # floats saved per row for the backward
 
-__all__ = ["divergence_forward", "divergence_backward"]
+__all__ = ["divergence_forward", "divergence_backward", "row_fits_one_chunk"]
 
 # Largest chunk of classes a program holds at once (4096 lanes over 8 warps: 16 elements
 # per thread per live vector). Longer rows loop over chunks.
@@ -502,6 +487,13 @@ def _launch_config(n_rows: int, n_cols: int, config: dict | None) -> tuple[int, 
     programs = config.get("programs")
     programs = n_rows if programs is None else max(1, min(n_rows, int(programs)))
     return block, num_warps, programs
+
+
+def row_fits_one_chunk(s: torch.Tensor, t: torch.Tensor) -> bool:
+    """Whether a fused launch on (n, C) logits holds each row in one chunk (reads it once):
+    then computing the gradient in the forward saves the backward's second pass."""
+    n, c = s.shape
+    return c <= _launch_config(n, c, _config_for(s, t, "fused"))[0]
 
 
 def _config_for(s: torch.Tensor, t: torch.Tensor, mode: str) -> dict | None:

@@ -8,9 +8,8 @@ S = sum_k probs[r, k] (``ssld_kernels/reference.py``, the executable specificati
     remainder "ignore" or m == C: rest = 0,              Z = S,         u = 0
     Q[index[k]] = probs[k] / Z,   Q[j] = u for every other class j
 
-so Q sums to 1. P = softmax(s / T) and, as in ``triton/divergence.py``, the loss is
-T^2 * (coef_a*A + coef_b*B) with A = sum_j p_j ls_j, B = sum_j q_j lt_j (ls = log p - log X,
-lt = log q - log Y; X = Y = M = beta*Q + (1-beta)*P in mode 1, X = Q, Y = P in mode 0).
+so Q sums to 1; the loss (``coef_a*A + coef_b*B`` over the row sums A = sum_j p_j ls_j and
+B = sum_j q_j lt_j) and its gradient are the dense ones of ``reference.py`` with q = Q.
 
 The correction trick (a dense B x C teacher is never formed). Pass 2 sums the terms as if the
 teacher were u on every class,
@@ -27,17 +26,10 @@ them, the correction removes the top classes' u-terms from the count and adds th
 ones, and A (B) is +inf exactly when the count stays positive. That keeps m == C, probs
 summing to exactly 1 and -inf student logits exact.
 
-Gradient (closed form, as the dense one; g = T * grad_rows[r] * weight[r], 0 when masked)::
-
-    mode 1: dL/ds_j = g * coef_a * p_j * (ls_j - A)
-    mode 0: dL/ds_j = g * (coef_a * p_j * (ls_j - A) + coef_b * (p_j - q_j))
-
-For JSD this follows from dL/dp_j = (1-beta) * (log p_j - log M_j) (the (1-beta) p/M and
-beta q/M terms of d/dp [p log(p/M)] and d/dp [q log(q/M)] add up to 1 and cancel the +1 of
-d/dp [p log p]), then the softmax Jacobian dp_i/dx_j = p_i (delta_ij - p_j) and dx/ds = 1/T
-with the loss scale T^2. Pass 3 writes this with q_j = u on every class, a barrier orders
-those stores before the m top entries are rewritten with q = Q_k (a scatter by the same
-program), so each gradient element is written at most twice and read never.
+Gradient: the dense closed form of ``reference.py`` with q = Q. Pass 3 writes it with q_j = u
+on every class, a barrier orders those stores before the m top entries are rewritten with
+q = Q_k (a scatter by the same program), so each gradient element is written at most twice
+and read never.
 
 Device-side guard (no host sync): a row with an index outside [0, C), a repeated index, a
 negative or NaN probability, or S > 1 + sum_tol gets u = Z = NaN, hence a NaN loss and a NaN
