@@ -32,6 +32,7 @@ from numbers import Real
 import torch
 from torch import Tensor, nn
 
+from ssld_kernels._abi import acc_dtype
 from ssld_kernels.divergence import softmax_divergence
 from ssld_kernels.fused_linear import _fused_linear_divergence
 
@@ -66,7 +67,7 @@ def _trl_elementwise(s: Tensor, t: Tensor, beta: float, temperature: float) -> T
     """TRL's per-element terms (what its reduction="none" returns), in float32/float64: the
     kl_div elements q (log q - log p), p (log p - log q), or beta q (log q - log m) + (1-beta)
     p (log p - log m) with log m the log of the mixture, from log-probabilities at T."""
-    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s.dtype)
     ls = torch.log_softmax(s.to(acc) / temperature, dim=-1)
     lt = torch.log_softmax(t.to(acc) / temperature, dim=-1)
     if beta == 0:

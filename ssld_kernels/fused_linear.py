@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ssld_kernels import reference
+from ssld_kernels._abi import acc_dtype
 from ssld_kernels._backends import resolve_backend
 from ssld_kernels._torch_compat import eager as _eager
 from ssld_kernels.divergence import softmax_divergence, softmax_divergence_and_grad
@@ -106,10 +107,6 @@ class _Options(NamedTuple):
 _N_OPTIONS = len(_Options._fields)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _grad_h_dtype(h_dtype: torch.dtype) -> torch.dtype:
     """The hidden-state gradient is kept in float32 for float16 hidden states until the
     backward has applied the incoming gradient (a GradScaler's scale): the gradient of a mean
@@ -135,7 +132,7 @@ def _head(h: Tensor, w: Tensor, b: Tensor | None, scale: float, cap: float) -> T
 def _cross_entropy(z, labels, valid, row_weight, ce_weight, grad) -> Tensor:
     """ce_weight * (logsumexp(z) - z[y]) per row (0 where not valid); adds its gradient
     ce_weight * (softmax(z) - onehot(y)) (times row_weight) into ``grad`` when given."""
-    acc = _acc(z.dtype)
+    acc = acc_dtype(z.dtype)
     zf = z.to(acc)  # z itself when already in the accumulation dtype: not written to
     y = torch.where(valid, labels, torch.zeros_like(labels)).long()[:, None]
     lse = torch.logsumexp(zf, dim=-1)
@@ -203,7 +200,7 @@ def _fused_forward(
     n, hidden = h_s.shape
     v = w_s.shape[0]
     dt, dev = opt.s_dtype, h_s.device
-    acc = _acc(dt)
+    acc = acc_dtype(dt)
     need = need_h or need_w or need_b
     rows_out = torch.empty(n, dtype=acc, device=dev)
     gh = torch.empty((n, hidden), dtype=_grad_h_dtype(h_s.dtype), device=dev) if need_h else None
@@ -325,7 +322,7 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, row_weight, factor, *rest):
     need_h, need_w, need_b = rest[_N_OPTIONS:]  # which gradients
     n, hidden = h_s.shape
     v = w_s.shape[0]
-    acc = _acc(opt.s_dtype)
+    acc = acc_dtype(opt.s_dtype)
     rows = h_s.new_empty((n,), dtype=acc)
     gh = h_s.new_empty((n, hidden), dtype=_grad_h_dtype(h_s.dtype)) if need_h else _empty(h_s)
     gw = h_s.new_empty((v, hidden), dtype=acc) if need_w else h_s.new_empty(0, dtype=acc)
@@ -566,7 +563,7 @@ def _prepare(
     else:
         chunk = int(chunk_size)
     s_dtype, t_dtype = _compute_dtypes(tensors, device)
-    acc = _acc(s_dtype)
+    acc = acc_dtype(s_dtype)
     factor = None
     scale = float(loss_scale)
     if num_items_in_batch is not None:

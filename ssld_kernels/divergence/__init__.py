@@ -16,12 +16,13 @@ The math is :mod:`ssld_kernels.reference` (the executable spec).
 from torch import Tensor, nn
 
 from ssld_kernels import reference
+from ssld_kernels._abi import acc_dtype
 from ssld_kernels._backends import resolve_backend
 from ssld_kernels.reference import make_spec
 
 from ._autograd import grad_rows_of, kernel_loss, kernel_loss_and_grad
 from ._checks import check_beta, check_options, check_pair, rows
-from ._launch import Kernel, Rows, acc_dtype
+from ._launch import Kernel, Rows
 from .sparse import SparseTeacher, sparse_divergence
 
 __all__ = [

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from ssld_kernels import reference
+from ssld_kernels._abi import acc_dtype
 from ssld_kernels._torch_compat import eager, saved_tensor_hooks_active
 from ssld_kernels._tune_table import launch_config
 
 from . import _ops
-from ._launch import Kernel, Rows, acc_dtype, launch_backward, launch_forward
+from ._launch import Kernel, Rows, launch_backward, launch_forward
 
 __all__ = ["DivergenceFunction", "kernel_loss", "kernel_loss_and_grad", "grad_in_forward"]
 

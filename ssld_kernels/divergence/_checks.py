@@ -8,9 +8,8 @@ import torch
 from torch import Tensor
 
 from ssld_kernels import reference
+from ssld_kernels._abi import acc_dtype
 from ssld_kernels.reference import DivSpec, make_spec
-
-from ._launch import acc_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ssld_kernels._abi import DTYPE_CODES, STATS_WIDTH
+from ssld_kernels._abi import DTYPE_CODES, STATS_WIDTH, acc_dtype
 from ssld_kernels._backends import ext
 from ssld_kernels._tune_table import launch_config
 from ssld_kernels.reference import DivSpec
@@ -59,11 +59,6 @@ class Kernel(NamedTuple):
             return self
         sp = self.spec
         return self._replace(spec=sp._replace(coef_a=sp.coef_a * factor, coef_b=sp.coef_b * factor))
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The accumulation (row loss, stats) dtype for logits of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ uniform, sum_tol, backend). A skipped gradient is returned as an empty tensor.
 import torch
 from torch import Tensor
 
-from ssld_kernels._abi import SPARSE_STATS_WIDTH, STATS_WIDTH
+from ssld_kernels._abi import SPARSE_STATS_WIDTH, STATS_WIDTH, acc_dtype
 
-from ._launch import Kernel, Rows, acc_dtype, launch_backward, launch_forward
+from ._launch import Kernel, Rows, launch_backward, launch_forward
 
 __all__ = ["divergence_fwd", "divergence_bwd"]
 

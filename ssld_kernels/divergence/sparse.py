@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ssld_kernels import reference
+from ssld_kernels._abi import acc_dtype
 from ssld_kernels._backends import backend_status, resolve_backend
 
 from ._autograd import grad_rows_of, kernel_loss, kernel_loss_and_grad
@@ -19,7 +20,7 @@ from ._checks import (
     describe,
     rows,
 )
-from ._launch import Kernel, Rows, acc_dtype
+from ._launch import Kernel, Rows
 
 __all__ = ["SparseTeacher"]
 
