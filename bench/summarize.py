@@ -424,6 +424,38 @@ def block_tables() -> str:
     return "\n\n".join(out)
 
 
+def block_host() -> str:
+    """bench/README: host microseconds per call of the Python layer, one column per committed
+    run on the newest run's machine, oldest first (e.g. before and after a refactor)."""
+    path = newest("host-*.json")
+    device = _env(_load(path))["device"]
+    runs = sorted(
+        (_env(_load(p)).get("time") or "", p)
+        for p in RESULTS.glob("host-*.json")
+        if _env(_load(p))["device"] == device
+    )
+    paths = [p for _, p in runs]
+    datas = [_load(p) for p in paths]
+    head = " | ".join(f"commit {_env(d)['git_sha']}" for d in datas)
+    shape = "x".join(map(str, datas[-1]["results"][0]["shape"]))
+    out = [
+        f"| {shape} float32, CPU, 1 thread: median us per call (p20-p80) | {head} |",
+        "|---|" + "---:|" * len(datas),
+    ]
+    for r in datas[-1]["results"]:
+        key = (r["provider"], r["mode"])
+        cells = []
+        for d in datas:
+            x = next((q for q in d["results"] if (q["provider"], q["mode"]) == key), None)
+            cells.append(
+                "-" if x is None else f"{x['host_us']:.1f} ({x['p20_us']:.1f}-{x['p80_us']:.1f})"
+            )
+        out.append(
+            f"| {r['provider']} {r['mode'].removesuffix('-host')} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(out) + "\n\n" + source_line(*paths)
+
+
 def block_loader() -> str:
     path = newest("loader-*.json")
     d = _load(path)
@@ -477,6 +509,7 @@ WRITERS = {
     "demo": "python bench/bench_demo.py",
     "ablation": "python bench/bench_demo.py --ablation",
     "fused-linear": "python bench/bench_fused_linear.py",
+    "host": "python bench/bench_host.py",
 }
 
 # (file, block name) -> renderer
@@ -487,6 +520,7 @@ BLOCKS = {
     ("README.md", "loss"): block_loss,
     ("README.md", "fused-linear"): block_fused_linear,
     ("bench/README.md", "loader"): block_loader,
+    ("bench/README.md", "host"): block_host,
     ("bench/README.md", "sass"): block_sass,
     ("bench/README.md", "tables"): block_tables,
 }
