@@ -25,9 +25,9 @@ import functools
 import os
 
 import torch
-from torch.fx.experimental.symbolic_shapes import has_static_value
 
 from ssld_kernels import _tune_table
+from ssld_kernels._torch_compat import known_int
 from ssld_kernels._tune_table import BACKENDS, TUNE_MODES, describe_tune, tuned_order
 
 ENV_VAR = "SSLD_KERNELS_BACKEND"
@@ -217,26 +217,12 @@ def resolve_backend(
         raise ValueError(f"mode must be one of {TUNE_MODES}, got {mode!r}")
     index = device.index
     if device.type == "cuda" and op == "divergence":
-        n_cols = _known_class_count(n_cols)
+        n_cols = known_int(n_cols)
     else:
         n_cols = None
     if n_cols is None:
         mode, index = "fwdbwd", None  # no table applies: one cache entry
     return _resolve_static(backend, device.type, tuple(dtypes), op, n_cols, mode, index)
-
-
-def _known_class_count(n_cols) -> int | None:
-    """``n_cols`` as a plain int when its value is known; None for None, a non-int, or a
-    symbolic C (a SymInt of dynamic shapes under torch.compile).
-
-    dynamo traces ``type(c)`` and ``isinstance(c, int)`` of a SymInt as int, so neither tells
-    it apart; has_static_value does, in eager code and in dynamo (which evaluates it on the
-    symbol, without a guard): True for an int, False for a symbol unless its range is a
-    single value.
-    """
-    if type(n_cols) is not int and not isinstance(n_cols, torch.SymInt):
-        return None
-    return int(n_cols) if has_static_value(n_cols) else None
 
 
 def describe() -> str:

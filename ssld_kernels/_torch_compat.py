@@ -12,7 +12,13 @@ wrong one, and ``tests/test_torch_compat.py`` fails so that the change is notice
 import torch
 from torch import Tensor, nn
 
-__all__ = ["eager", "tracing_mode_active", "saved_tensor_hooks_active", "PRIVATE_APIS"]
+__all__ = [
+    "eager",
+    "tracing_mode_active",
+    "saved_tensor_hooks_active",
+    "known_int",
+    "PRIVATE_APIS",
+]
 
 # What this module reads, for the test that fails when PyTorch changes it.
 PRIVATE_APIS = (
@@ -20,6 +26,7 @@ PRIVATE_APIS = (
     "torch._C._autograd._top_saved_tensors_default_hooks",
     "torch.fx.experimental.proxy_tensor.get_proxy_mode",
     "torch.utils._python_dispatch._get_current_dispatch_mode_stack",
+    "torch.fx.experimental.symbolic_shapes.has_static_value",
 )
 
 _PLAIN = (Tensor, nn.Parameter)
@@ -65,3 +72,20 @@ def saved_tensor_hooks_active() -> bool:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     except (AttributeError, TypeError, RuntimeError):  # another torch: assume they may be
         return True
+
+
+def known_int(x) -> int | None:
+    """``x`` as a plain int when its value is known; None for None, a non-int, or a symbolic
+    int (a SymInt of dynamic shapes under torch.compile).
+
+    dynamo traces ``type(x)`` and ``isinstance(x, int)`` of a SymInt as int, so neither tells
+    them apart; ``has_static_value`` does, in eager code and in dynamo (which evaluates it on
+    the symbol without a guard). Without it (another torch), nothing counts as known while
+    compiling, which is the safe answer (callers then use their static defaults)."""
+    if type(x) is not int and not isinstance(x, torch.SymInt):
+        return None
+    try:
+        from torch.fx.experimental.symbolic_shapes import has_static_value
+    except ImportError:
+        return None if torch.compiler.is_compiling() or type(x) is not int else x
+    return int(x) if has_static_value(x) else None

@@ -182,12 +182,39 @@ class _ClosedFormRows(torch.autograd.Function):
     log-probabilities (a sparse teacher: no gradient). The backward recomputes the row
     statistics from the saved inputs with differentiable ops, so double backward works."""
 
+    generate_vmap_rule = True  # torch.func.vmap / grad / jacrev work through it
+
     @staticmethod
-    def forward(ctx, spec, s, t, weight, mask, logq):
-        ctx.spec, ctx.logq = spec, logq
-        ctx.save_for_backward(s, t, weight, mask)
+    def forward(spec, s, t, weight, mask, logq):
         _, _, _, _, a, b = _stats(spec, s, t, logq)
         return _row_loss(spec, a, b, weight, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec, s, t, weight, mask, logq = inputs
+        ctx.spec, ctx.logq = spec, logq
+        ctx.save_for_backward(s, t, weight, mask)
+        ctx.save_for_forward(s, t, weight, mask)
+
+    @staticmethod
+    def jvp(ctx, _spec, ds, dt, dw, _mask, _logq):
+        """Forward mode: sum_j (dL_r/ds_rj ds_rj + dL_r/dt_rj dt_rj) + L_r / w_r dw_r."""
+        s, t, weight, mask = ctx.saved_tensors
+        spec = ctx.spec
+        stats = _stats(spec, s, t, ctx.logq)
+        need_t = dt is not None and not ctx.logq
+        ones = torch.ones((), dtype=stats[4].dtype, device=s.device)
+        loss, grad_s, grad_t = _rows_and_grad(
+            spec, stats, ones, weight, mask, need_t, stats[4].dtype, stats[4].dtype
+        )
+        out = torch.zeros_like(loss)
+        if ds is not None:
+            out = out + (grad_s * ds.to(out.dtype)).sum(-1)
+        if need_t:
+            out = out + (grad_t * dt.to(out.dtype)).sum(-1)
+        if dw is not None:
+            out = out + _row_loss(spec, stats[4], stats[5], None, mask) * dw.to(out.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_rows):

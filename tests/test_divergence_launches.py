@@ -96,6 +96,7 @@ def test_one_launch_per_direction(backend, kind, chunked):
     grad = torch.ones(())
     with forced_launch_config("triton", {"block": 16} if chunked else {}):
         sk.softmax_divergence(s, t, kind=kind, backend=backend).backward()  # warm caches
+        sk.softmax_divergence_and_grad(s.detach(), t, kind=kind, backend=backend)  # (its unit)
         fwd, loss = _record(lambda: sk.softmax_divergence(s, t, kind=kind, backend=backend))
         bwd, (gs,) = _record(lambda: torch.autograd.grad(loss, s, grad))
         with torch.no_grad():

@@ -92,3 +92,20 @@ def test_fallbacks_take_the_safe_answer(monkeypatch):
     loss = sk.softmax_divergence(s, torch.randn(3, 7))  # auto: the compiled cpu kernel
     loss.backward()  # still runs, through the safe path
     assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_known_int():
+    assert tc.known_int(7) == 7 and tc.known_int(None) is None and tc.known_int(7.0) is None
+    seen = []
+
+    def f(x):
+        seen.append(tc.known_int(x.shape[-1]))
+        return x * 2
+
+    torch._dynamo.reset()
+    torch.compile(f, dynamic=True, backend="eager", fullgraph=True)(torch.ones(3, 5))
+    assert seen == [None]  # a symbolic class count is not known
+    seen.clear()
+    torch._dynamo.reset()
+    torch.compile(f, dynamic=False, backend="eager", fullgraph=True)(torch.ones(3, 5))
+    assert seen == [5]

@@ -86,9 +86,7 @@ class DivergenceFunction(torch.autograd.Function):
             row_loss, stats, _, _ = run.forward(x, k)
         ctx.save_for_backward(s, t, index, weight, mask, stats, count)
         ctx.eager = run is _Direct
-        ctx.reduction = reduction
-        # eager: an unmasked mean's 1/n goes into the coefficients (no kernel for it)
-        ctx.k = k.scaled(_mean_factor(s.shape[0], mask, reduction)) if ctx.eager else k
+        ctx.reduction, ctx.k = reduction, k
         return _reduce(row_loss, reduction, mask, lead, count, presummed)
 
     @staticmethod
@@ -111,16 +109,20 @@ class DivergenceFunction(torch.autograd.Function):
             gs = gs.mul_(factor)
             gt = gt.mul_(factor) if gt is not None else None
         else:
+            k = ctx.k
             if ctx.reduction == "none":
                 grad_rows = grad.reshape(n)
             else:
                 if count is not None:
                     grad = grad / count
-                elif not ctx.eager and ctx.reduction != "sum" and n > 0:
-                    grad = grad / n  # traced: the mean's 1/n is not in the coefficients
+                elif ctx.reduction != "sum" and n > 0:  # an unmasked mean's 1/n: eager, in
+                    if ctx.eager:  # the coefficients (no kernel for it); traced, a tensor op
+                        k = k.scaled(1.0 / n)
+                    else:
+                        grad = grad / n
                 grad_rows = grad.reshape(1).expand(n)
             run = _Direct if ctx.eager else _Traced
-            gs, gt = run.backward(x, ctx.k, stats, grad_rows.to(stats.dtype), need_s, need_t)
+            gs, gt = run.backward(x, k, stats, grad_rows.to(stats.dtype), need_s, need_t)
         if ctx.eager and torch.is_grad_enabled():  # create_graph=True: must raise when used
             gs, gt = _NotTwice.apply(s if need_s else t, gs, gt)
         return (gs, gt) + _NO_GRAD_TAIL

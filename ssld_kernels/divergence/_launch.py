@@ -57,8 +57,9 @@ class Kernel(NamedTuple):
         """Both loss coefficients times ``factor`` (loss and gradients are linear in them)."""
         if factor == 1.0:
             return self
-        sp = self.spec
-        return self._replace(spec=sp._replace(coef_a=sp.coef_a * factor, coef_b=sp.coef_b * factor))
+        mode, beta, coef_a, coef_b, inv_temp = self.spec
+        spec = DivSpec(mode, beta, coef_a * factor, coef_b * factor, inv_temp)
+        return Kernel(spec, self.backend, self.uniform, self.sum_tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def _ext_params(x: Rows, spec: DivSpec, grad_rows, mode: str):
     p.loss_scale, p.grad_scale = temperature * temperature, temperature
     if x.weight is not None:
         p.weight = x.weight.data_ptr()
-    if x.mask is not None:
+    if x.mask is not None:  # bool: one byte per row, read as uint8
         p.mask = x.mask.data_ptr()
     if grad_rows is not None:
         p.grad_rows, p.grad_rows_stride = grad_rows.data_ptr(), grad_rows.stride(0)
@@ -159,7 +160,6 @@ def launch_forward(x: Rows, k: Kernel, grad_rows: Tensor | None = None, need_gra
         return divergence_forward(
             x.s, x.t, x.weight, _mask_u8(x.mask), k.spec, grad_rows, need_s, need_grad_t
         )
-    x = x._replace(mask=_mask_u8(x.mask))
     return _ext_forward(x, k.spec, grad_rows, need_s, need_grad_t)
 
 
@@ -182,5 +182,4 @@ def launch_backward(x: Rows, k: Kernel, stats: Tensor, grad_rows: Tensor, need_s
         return divergence_backward(
             x.s, x.t, x.weight, _mask_u8(x.mask), stats, grad_rows, k.spec, need_s, need_t
         )
-    x = x._replace(mask=_mask_u8(x.mask))
     return _ext_backward(x, k.spec, stats, grad_rows, need_s, need_t)

@@ -221,7 +221,7 @@ def _grad_pass(
 #   pass 2: log p = (x_s - m_s) - log d_s, log q likewise,  (ls, lt) as in _log_ratios,
 #           A = sum_j [p_j != 0] p_j ls_j,  B = sum_j [q_j != 0] q_j lt_j
 #           row_loss = T^2 (coef_a A + coef_b B) weight[r],  stats[r] = (max_s, log_sum_s, max_t, log_sum_t, A, B)
-#   pass 3 (WRITE_GRAD_S / WRITE_GRAD_T): the gradients of the module docstring with
+#   pass 3 (WRITE_GRAD_S / WRITE_GRAD_T): the closed-form gradients of reference.py with
 #           g = T grad_rows[r] weight[r]; masked rows write exact zeros.
 # SINGLE (C <= BLOCK): the row is loaded once and every pass works on the registers, the
 # gradient from the same p, q, ls, lt as the sums (one read of each logit, one write of each
@@ -381,7 +381,7 @@ def _divergence_fwd_kernel(
 # ----------------------------------------------------------------------------------------
 # One pass per row from the saved stats (max_s, log_sum_s, max_t, log_sum_t, A, B):
 #   log p = (s / T - max_s) - log_sum_s,  log q likewise,  (ls, lt) as in _log_ratios,
-#   dL/ds, dL/dt as in the module docstring with g = T grad_rows[r] weight[r]
+#   dL/ds, dL/dt as in reference.py's docstring with g = T grad_rows[r] weight[r]
 #   (grad_rows read on the device, any stride including 0); masked rows write exact zeros
 #   and read no logits.
 @triton.jit
