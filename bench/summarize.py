@@ -439,7 +439,7 @@ def block_host() -> str:
     head = " | ".join(f"commit {_env(d)['git_sha']}" for d in datas)
     shape = "x".join(map(str, datas[-1]["results"][0]["shape"]))
     out = [
-        f"| {shape} float32, CPU, 1 thread: median us per call (p20-p80) | {head} |",
+        f"| {shape} float32, CPU, 1 thread: us per call, min (median) over rounds | {head} |",
         "|---|" + "---:|" * len(datas),
     ]
     for r in datas[-1]["results"]:
@@ -448,7 +448,7 @@ def block_host() -> str:
         for d in datas:
             x = next((q for q in d["results"] if (q["provider"], q["mode"]) == key), None)
             cells.append(
-                "-" if x is None else f"{x['host_us']:.1f} ({x['p20_us']:.1f}-{x['p80_us']:.1f})"
+                "-" if x is None else f"{x.get('min_us', x['host_us']):.1f} ({x['host_us']:.1f})"
             )
         out.append(
             f"| {r['provider']} {r['mode'].removesuffix('-host')} | " + " | ".join(cells) + " |"
