@@ -9,7 +9,12 @@ closest to the cost itself) and the median with p20/p80. Baselines measured in t
 run: the same math as eager PyTorch ops (``eager``), and the bare extension launch with
 preallocated outputs (``floor``: what the Python layer adds is the difference).
 
-    python bench/bench_host.py [--shape 4x16] [--rounds 15] [--calls 400] [--out FILE]
+    python bench/bench_host.py [--processes 3] [--compare OTHER_CHECKOUT] [--out FILE]
+
+Each process is fresh (``--processes`` per checkout; with ``--compare`` the two checkouts'
+processes alternate), because on a shared VM the spread between processes (placement,
+frequency, heap layout) exceeds the spread between rounds; a row keeps the least minimum
+over the processes and the median of their medians.
 """
 
 import argparse
@@ -139,32 +144,103 @@ def measure(step, rounds: int, calls: int) -> dict:
     }
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="4x16", help="rows x classes, e.g. 4x16")
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--calls", type=int, default=400)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: host cost only)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    n, c = (int(v) for v in args.shape.split("x"))
-    env = environment(torch.device("cpu"))
+def run_cases(shape: str, rounds: int, calls: int) -> list:
+    """Every case in this process: one row each."""
+    n, c = (int(v) for v in shape.split("x"))
     rows = []
     for name, step in cases(n, c).items():
         provider, mode = name.rsplit(" ", 1)
-        r = {"op": "softmax_divergence", "provider": provider, "mode": mode + "-host",
-             "shape": [n, c], "dtype": "float32", "device": "cpu",
-             **measure(step, args.rounds, args.calls)}  # fmt: skip
-        rows.append(r)
-        print(
-            f"{name:26s} min {r['min_us']:7.1f} us/call, median {r['host_us']:.1f} "
-            f"(p20 {r['p20_us']:.1f}, p80 {r['p80_us']:.1f})"
-        )
-    by = {f"{r['provider']} {r['mode']}": r["host_us"] for r in rows}
-    base = by.get("eager fwdbwd-host")
-    if base:
-        print(f"ssld-cpu fwdbwd vs eager: {base / by['ssld-cpu fwdbwd-host']:.2f}x less host time")
+        rows.append({"op": "softmax_divergence", "provider": provider, "mode": mode + "-host",
+                     "shape": [n, c], "dtype": "float32", "device": "cpu",
+                     **measure(step, rounds, calls)})  # fmt: skip
+    return rows
+
+
+def _revision(root: Path) -> str:
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _child(root: Path, args) -> list:
+    """The cases in a fresh process importing ssld_kernels from checkout ``root``."""
+    import json
+    import os
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--shape", args.shape,
+           "--rounds", str(args.rounds), "--calls", str(args.calls),
+           "--threads", str(args.threads)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def _merge(runs: list, revision: str) -> list:
+    """One row per case over the processes: the least minimum, the median of the medians."""
+    rows = []
+    for k, first in enumerate(runs[0]):
+        per = [run[k] for run in runs]
+        rows.append({**first, "revision": revision,
+                     "min_us": min(r["min_us"] for r in per),
+                     "host_us": statistics.median(r["host_us"] for r in per),
+                     "p20_us": statistics.median(r["p20_us"] for r in per),
+                     "p80_us": statistics.median(r["p80_us"] for r in per),
+                     "processes": len(per),
+                     "process_min_us": [round(r["min_us"], 2) for r in per]})  # fmt: skip
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="4x16", help="rows x classes, e.g. 4x16")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: host cost only)")
+    ap.add_argument("--processes", type=int, default=3, help="fresh processes per checkout")
+    ap.add_argument(
+        "--compare",
+        default=None,
+        help="another checkout (with its extension built): its processes alternate with this "
+        "one's, one JSON holds both (e.g. before / after a refactor)",
+    )
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        import json
+
+        print(json.dumps(run_cases(args.shape, args.rounds, args.calls)))
+        return None
+    here = Path(__file__).resolve().parent.parent
+    roots = [Path(args.compare).resolve(), here] if args.compare else [here]
+    runs = {root: [] for root in roots}
+    for _ in range(args.processes):  # alternate: slow drift of the machine hits both alike
+        for root in roots:
+            runs[root].append(_child(root, args))
+    rows = []
+    for root in roots:
+        rev = _revision(root)
+        merged = _merge(runs[root], rev)
+        rows += merged
+        print(f"== {rev} ({root}), {args.processes} processes")
+        for r in merged:
+            print(
+                f"{r['provider']:18s} {r['mode'].removesuffix('-host'):7s} min {r['min_us']:7.1f} "
+                f"us/call, median {r['host_us']:.1f} (processes' minima {r['process_min_us']})"
+            )
+    if args.compare:
+        new, old = (_merge(runs[r], "")[0:] for r in (here, roots[0]))
+        for a, b in zip(new, old):
+            print(
+                f"{a['provider']:18s} {a['mode']:12s} min new/old {a['min_us'] / b['min_us']:.3f}"
+            )
+    env = environment(torch.device("cpu"))
     path = write_results("host", env, rows, Path(args.out) if args.out else None)
     print(f"wrote {path}")
     return rows

@@ -425,35 +425,31 @@ def block_tables() -> str:
 
 
 def block_host() -> str:
-    """bench/README: host microseconds per call of the Python layer, one column per committed
-    run on the newest run's machine, oldest first (e.g. before and after a refactor)."""
+    """bench/README: host microseconds per call of the Python layer from the newest host run,
+    one column per checkout it measured (``--compare``: before and after, the older first)."""
     path = newest("host-*.json")
-    device = _env(_load(path))["device"]
-    runs = sorted(
-        (_env(_load(p)).get("time") or "", p)
-        for p in RESULTS.glob("host-*.json")
-        if _env(_load(p))["device"] == device
-    )
-    paths = [p for _, p in runs]
-    datas = [_load(p) for p in paths]
-    head = " | ".join(f"commit {_env(d)['git_sha']}" for d in datas)
-    shape = "x".join(map(str, datas[-1]["results"][0]["shape"]))
+    d = _load(path)
+    sha = _env(d)["git_sha"]
+    revs = list(dict.fromkeys(r.get("revision", sha) for r in d["results"]))
+    by = {(r.get("revision", sha), r["provider"], r["mode"]): r for r in d["results"]}
+    first = d["results"][0]
+    procs = first.get("processes", 1)
+    shape = "x".join(map(str, first["shape"]))
     out = [
-        f"| {shape} float32, CPU, 1 thread: us per call, min (median) over rounds | {head} |",
-        "|---|" + "---:|" * len(datas),
+        f"| {shape} float32, CPU, 1 thread: us per call, least minimum (median) over "
+        f"{procs} processes | " + " | ".join(f"commit {r}" for r in revs) + " |",
+        "|---|" + "---:|" * len(revs),
     ]
-    for r in datas[-1]["results"]:
-        key = (r["provider"], r["mode"])
+    for r in d["results"]:
+        if r.get("revision", sha) != revs[-1]:
+            continue
         cells = []
-        for d in datas:
-            x = next((q for q in d["results"] if (q["provider"], q["mode"]) == key), None)
-            cells.append(
-                "-" if x is None else f"{x.get('min_us', x['host_us']):.1f} ({x['host_us']:.1f})"
-            )
-        out.append(
-            f"| {r['provider']} {r['mode'].removesuffix('-host')} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(out) + "\n\n" + source_line(*paths)
+        for rev in revs:
+            x = by.get((rev, r["provider"], r["mode"]))
+            cells.append("-" if x is None else f"{x['min_us']:.1f} ({x['host_us']:.1f})")
+        what = f"{r['provider']} {r['mode'].removesuffix('-host')}"
+        out.append(f"| {what} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n\n" + source_line(path)
 
 
 def block_loader() -> str:
