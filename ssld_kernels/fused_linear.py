@@ -431,7 +431,7 @@ def _check_float(name: str, x, dim: int | None = None) -> None:
 
 
 def _check_number(name: str, x, positive: bool = False, nonneg: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, Real) or not math.isfinite(float(x)):
+    if isinstance(x, bool) or not isinstance(x, Real) or not -math.inf < float(x) < math.inf:
         raise ValueError(f"{name} must be a finite number, got {x!r}")
     if positive and not float(x) > 0:
         raise ValueError(f"{name} must be > 0, got {x!r}")

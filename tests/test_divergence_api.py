@@ -146,6 +146,48 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(a, p.grad)
 
 
+@pytest.mark.parametrize("reduction,masked", [("none", True), ("sum", False), ("mean", True)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_traced_runner_options(reduction, masked, dynamic, monkeypatch):
+    """Under torch.compile the one autograd Function runs the custom ops (the traced runner):
+    per-row and masked-mean incoming gradients, the teacher's gradient, symbolic row counts
+    and the default temperature (a float dynamo once refused to check) give the eager
+    results."""
+    if "cpu" not in sk.available_backends("cpu"):
+        pytest.skip("cpu backend missing")
+    from ssld_kernels.divergence import _autograd
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(2)
+    s = torch.randn(7, 19, generator=gen, requires_grad=True)
+    t = torch.randn(7, 19, generator=gen, requires_grad=True)
+    w = torch.rand(7, generator=gen) + 0.5
+    m = torch.rand(7, generator=gen) > 0.3 if masked else None
+    g = torch.rand(7, generator=gen) + 0.5 if reduction == "none" else torch.tensor(1.7)
+
+    kw = dict(kind="sym_kl", reduction=reduction, weight=w, mask=m, teacher_grad=True)
+    if reduction != "sum":
+        kw["temperature"] = 2.0
+
+    def loss(a, b):
+        return sk.softmax_divergence(a, b, backend="cpu", **kw)
+
+    def direct(*args):
+        raise AssertionError("the launchers ran directly under torch.compile")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(_autograd._Direct, "forward", staticmethod(direct))
+        mp.setattr(_autograd._Direct, "backward", staticmethod(direct))
+        compiled = torch.compile(loss, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+        got = compiled(s, t)
+        got_s, got_t = torch.autograd.grad(got, (s, t), g)
+    ref = loss(s, t)
+    ref_s, ref_t = torch.autograd.grad(ref, (s, t), g)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_s, ref_s, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_t, ref_t, rtol=1e-5, atol=1e-7)
+
+
 def test_torch_compile_inductor_fused_grad(monkeypatch, tmp_path):
     if "cpu" not in sk.available_backends("cpu"):
         pytest.skip("cpu backend missing")

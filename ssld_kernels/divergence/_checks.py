@@ -64,9 +64,8 @@ def check_options(s: Tensor, kind, beta, temperature, reduction, weight, mask):
     if reduction not in reference.REDUCTIONS:
         raise ValueError(f"reduction must be one of {reference.REDUCTIONS}, got {reduction!r}")
     check_beta(beta)
-    if not isinstance(temperature, Real) or not (
-        math.isfinite(float(temperature)) and float(temperature) > 0
-    ):
+    # comparisons, not math.isfinite: dynamo (dynamic=True) cannot trace isfinite of a float
+    if not isinstance(temperature, Real) or not 0 < float(temperature) < math.inf:
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     c = s.shape[-1]
     lead = s.shape[:-1]
