@@ -169,7 +169,7 @@ def divergence_rows(
         keep = mask.bool()[:, None]
         s = torch.where(keep, s, torch.zeros_like(s))
         t = torch.where(keep, t, torch.zeros_like(t))
-    return _ClosedFormRows.apply(spec, s, t, weight, mask, False)
+    return _closed_form_rows().apply(spec, s, t, weight, mask, False)
 
 
 class _ClosedFormRows(torch.autograd.Function):
@@ -197,6 +197,26 @@ class _ClosedFormRows(torch.autograd.Function):
         ctx.save_for_forward(s, t, weight, mask)
 
     @staticmethod
+    def backward(ctx, grad_rows):
+        s, t, weight, mask = ctx.saved_tensors
+        spec, need_s, need_t, need_w = ctx.spec, *ctx.needs_input_grad[1:4]
+        stats = _stats(spec, s, t, ctx.logq)
+        need_t = need_t and not ctx.logq
+        _, grad_s, grad_t = _rows_and_grad(
+            spec, stats, grad_rows, weight, mask, need_t, s.dtype, t.dtype
+        )
+        grad_w = None
+        if need_w:
+            grad_w = (_row_loss(spec, stats[4], stats[5], None, mask) * grad_rows).to(weight.dtype)
+        return None, grad_s if need_s else None, grad_t, grad_w, None, None
+
+
+class _ClosedFormRowsFwdAD(_ClosedFormRows):
+    """:class:`_ClosedFormRows` with forward-mode AD (torch.func.jvp, forward_ad). Separate
+    because dynamo refuses Functions that define ``jvp``: under torch.compile the base class
+    runs (reverse mode is what compiled training needs)."""
+
+    @staticmethod
     def jvp(ctx, _spec, ds, dt, dw, _mask, _logq):
         """Forward mode: sum_j (dL_r/ds_rj ds_rj + dL_r/dt_rj dt_rj) + L_r / w_r dw_r."""
         s, t, weight, mask = ctx.saved_tensors
@@ -216,19 +236,9 @@ class _ClosedFormRows(torch.autograd.Function):
             out = out + _row_loss(spec, stats[4], stats[5], None, mask) * dw.to(out.dtype)
         return out
 
-    @staticmethod
-    def backward(ctx, grad_rows):
-        s, t, weight, mask = ctx.saved_tensors
-        spec, need_s, need_t, need_w = ctx.spec, *ctx.needs_input_grad[1:4]
-        stats = _stats(spec, s, t, ctx.logq)
-        need_t = need_t and not ctx.logq
-        _, grad_s, grad_t = _rows_and_grad(
-            spec, stats, grad_rows, weight, mask, need_t, s.dtype, t.dtype
-        )
-        grad_w = None
-        if need_w:
-            grad_w = (_row_loss(spec, stats[4], stats[5], None, mask) * grad_rows).to(weight.dtype)
-        return None, grad_s if need_s else None, grad_t, grad_w, None, None
+
+def _closed_form_rows():
+    return _ClosedFormRows if torch.compiler.is_compiling() else _ClosedFormRowsFwdAD
 
 
 def _stats(spec: DivSpec, s: Tensor, t: Tensor, logq: bool):
@@ -393,7 +403,7 @@ def sparse_divergence_rows(
     logq = _sparse_logq(s, probs, index, remainder, sum_tol, mask)
     if mask is not None:
         s = torch.where(mask.bool()[:, None], s, torch.zeros_like(s))
-    return _ClosedFormRows.apply(spec, s, logq, weight, mask, True)
+    return _closed_form_rows().apply(spec, s, logq, weight, mask, True)
 
 
 def sparse_divergence_rows_and_grad(
