@@ -106,6 +106,20 @@ def _quantiles(times: list) -> dict:
     }
 
 
+def parse_providers(spec: str, known, bench: str) -> list[str]:
+    """The comma list of ``--providers`` (empty: all), each checked against ``known``.
+
+    A misspelt name would otherwise just be missing from the results; on a lent GPU with
+    minutes of device time that is a wasted run, so it stops the benchmark before anything
+    is timed.
+    """
+    wanted = [p.strip() for p in spec.split(",") if p.strip()]
+    bad = [p for p in wanted if p not in known]
+    if bad:
+        raise SystemExit(f"{bench}: unknown --providers {bad}; known: {', '.join(sorted(known))}")
+    return wanted
+
+
 def write_results(name: str, env: dict, rows: list, out: Path | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     dev = env["device"].replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "")

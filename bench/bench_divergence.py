@@ -19,9 +19,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, time_fn, write_results, write_results_extra  # noqa: E402
+from _common import (  # noqa: E402
+    environment,
+    parse_providers,
+    time_fn,
+    write_results,
+    write_results_extra,
+)
 
 import ssld_kernels as sk  # noqa: E402
+from ssld_kernels._backends import backend_status  # noqa: E402
 
 GPU_SHAPES = [
     (256, 1000),
@@ -61,6 +68,25 @@ def _liger(kind, beta):
     jsd = LigerJSD(beta=beta)
     # Liger takes log-probabilities (student first); its log_softmax is part of the cost.
     return lambda s, t: jsd(F.log_softmax(s.float(), -1), F.log_softmax(t.float(), -1))
+
+
+KNOWN_PROVIDERS = ("ssld-auto", "ssld-cuda", "ssld-triton", "ssld-cpu", "ssld-torch", "eager",
+                   "compile", "liger")  # fmt: skip
+
+
+def unavailable(device, wanted, provs):
+    """{provider: why} for the wanted providers this run cannot time."""
+    status = backend_status(device.type)
+    why = {}
+    for name in [w for w in wanted if w not in provs]:
+        if name.startswith("ssld-"):
+            ok, reason = status.get(name[5:], (False, "unknown backend"))
+            why[name] = reason if not ok else "the Triton interpreter on CPU is for tests"
+        elif name == "liger":
+            why[name] = "liger_kernel not importable, or not a GPU run (its JSD is a GPU kernel)"
+        else:
+            why[name] = "not available here"
+    return why
 
 
 def providers(device, kind, beta, wanted):
@@ -239,8 +265,11 @@ def main(argv=None):
     else:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    wanted = [p for p in args.providers.split(",") if p]
+    wanted = parse_providers(args.providers, KNOWN_PROVIDERS, "bench_divergence")
     provs = providers(device, args.kind, args.beta, wanted)
+    missing = unavailable(device, wanted, provs)
+    for name, why in missing.items():
+        print(f"{name}: not timed ({why})")
     env = environment(device)
     env["peak_copy_gbps"] = peak_copy_gbps(device)
     rows = []
@@ -287,7 +316,8 @@ def main(argv=None):
                         _print_latency(r)
     _print_ratios(rows)
     targets = check_targets(rows, env)
-    path = write_results_extra("divergence", env, rows, {"targets": targets}, out_path)
+    extra = {"targets": targets, "unavailable": missing}
+    path = write_results_extra("divergence", env, rows, extra, out_path)
     print(f"wrote {path}")
     if args.plot:
         _plot(rows, path.with_suffix(".png"))

@@ -45,7 +45,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, time_calls, time_fn, write_results_extra  # noqa: E402
+from _common import (  # noqa: E402
+    environment,
+    parse_providers,
+    time_calls,
+    time_fn,
+    write_results_extra,
+)
 
 import ssld_kernels as sk  # noqa: E402
 from ssld_kernels.fused_linear import auto_chunk_size  # noqa: E402
@@ -209,6 +215,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.providers = parse_providers(args.providers, PROVIDERS, "bench_fused_linear")
     dev = "cuda" if args.device.startswith("cuda") else "cpu"
     args.shape = (
         tuple(int(x) for x in args.shape.lower().split("x")) if args.shape else DEFAULT_SHAPE[dev]
@@ -233,7 +240,7 @@ def main(argv=None) -> None:
     _LIGER = _liger() if device.type == "cuda" else None
     rows, skipped = [], {}
     inputs = make_inputs(n, h, v, dtype, device)
-    for provider in args.providers.split(","):
+    for provider in args.providers or PROVIDERS:
         if provider == "liger" and _LIGER is None:
             skipped[provider] = "liger_kernel not importable (or not a GPU run)"
             continue

@@ -47,12 +47,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, time_calls, time_fn, write_results_extra  # noqa: E402
+from _common import (  # noqa: E402
+    environment,
+    parse_providers,
+    time_calls,
+    time_fn,
+    write_results_extra,
+)
 
 import ssld_kernels as sk  # noqa: E402
 from ssld_kernels._backends import _op_status  # noqa: E402
 
 SSLD_ORDER = ("cuda", "triton", "cpu", "torch")  # the first available one is the reference
+KNOWN_PROVIDERS = (*(f"ssld-{b}" for b in SSLD_ORDER), "torch-cdist-topk", "torch-cdist-topk-fp16",
+                   "opencv-bf", "faiss-flat", "faiss-gpu-fp32", "faiss-gpu-fp16", "kornia-snn")  # fmt: skip
 CPU_SIZES = "1000x10000,5000x20000,100000x100000"
 GPU_SIZES = "100000x100000,1000000x1000000"
 QUICK = {
@@ -833,7 +841,7 @@ def main(argv=None):
     for key, val in (QUICK if args.quick else defaults).items():
         if getattr(args, key) is None:  # explicit flags win over --quick
             setattr(args, key, val)
-    wanted = [p for p in args.providers.split(",") if p]
+    wanted = parse_providers(args.providers, KNOWN_PROVIDERS, "bench_match")
     args.max_mem_bytes = _mem_limit(device, args.max_mem_gb)
     env = environment(device)
     if device.type == "cuda":

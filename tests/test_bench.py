@@ -75,3 +75,55 @@ def test_bench_divergence_cpu_smoke(tmp_path):
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout  # fmt: skip
     assert "| ssld-cpu |" in table and "small-shape latency" in table
+
+
+def _gpu_check_invocations():
+    """(bench module name, argv) of every benchmark call in bench/gpu_check.sh."""
+    import re
+    import shlex
+
+    text = (BENCH / "gpu_check.sh").read_text().replace("\\\n", " ")
+    calls = []
+    for line in text.splitlines():
+        m = re.search(r"python3 bench/(bench_\w+)\.py(.*)$", line)
+        if m and not line.lstrip().startswith("#"):
+            calls.append((m.group(1), shlex.split(m.group(2))))
+    return calls
+
+
+def test_gpu_check_benchmark_arguments(monkeypatch):
+    """The prepared GPU call's benchmark command lines parse, and name only known providers.
+
+    The device time of a lent GPU is minutes; a misspelt flag or provider found there is a
+    lost call, so the arguments are checked here against each benchmark's own parser.
+    """
+    import argparse
+
+    calls = _gpu_check_invocations()
+    names = sorted({name for name, _ in calls})
+    assert names == ["bench_divergence", "bench_fused_linear", "bench_match", "bench_train"]
+
+    class Parsed(Exception):
+        pass
+
+    def parse_args(self, args=None, namespace=None):
+        raise Parsed(real_parse_args(self, args, namespace))
+
+    real_parse_args = argparse.ArgumentParser.parse_args
+    for name, argv in calls:
+        module = pytest.importorskip(name)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_args)
+        monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+        try:
+            with pytest.raises(Parsed) as parsed:  # SystemExit(2) here: a flag or type is wrong
+                module.main(argv) if name != "bench_train" else module.main()
+        finally:
+            monkeypatch.setattr(argparse.ArgumentParser, "parse_args", real_parse_args)
+        ns = parsed.value.args[0]
+        if getattr(ns, "providers", None):
+            known = getattr(module, "KNOWN_PROVIDERS", None) or module.PROVIDERS
+            module_check = sys.modules["_common"].parse_providers
+            assert module_check(ns.providers, known, name)  # SystemExit on an unknown name
+    # and a wrong name is refused before anything runs
+    with pytest.raises(SystemExit, match="unknown --providers"):
+        bench_divergence.main(["--device", "cpu", "--providers", "ssld-auto,ligr"])
