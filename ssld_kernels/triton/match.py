@@ -267,6 +267,11 @@ def _knn_kernel(
 # ----------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------
+# Larger tiles under the interpreter (see _block_config). tests/conftest.py turns this off
+# while bench/triton_aot.py records launches, so that the GPU's tiles are the ones compiled.
+INTERPRETER_TILES = True
+
+
 def _block_config(dim: int, is_u8: bool, aligned: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
 
@@ -278,7 +283,7 @@ def _block_config(dim: int, is_u8: bool, aligned: bool) -> tuple[int, int, int, 
     Interpreter: the cost is per operation, not per element, so tiles are larger (fewer
     loop trips)."""
     block_k = min(128, max(32, triton.next_power_of_2(dim))) if is_u8 and aligned else 32
-    if triton_interpret():
+    if triton_interpret() and INTERPRETER_TILES:
         return 128, 256, max(block_k, min(256, triton.next_power_of_2(dim))), 4
     return 64, 64, block_k, 8
 
