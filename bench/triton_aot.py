@@ -252,6 +252,16 @@ def report(results: list[dict]) -> int:
     return 1 if failed else 0
 
 
+def _ptxas_version() -> str | None:
+    try:
+        from triton import knobs
+
+        out = subprocess.run([knobs.nvidia.ptxas.path, "--version"], capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1]
+    except Exception:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pytest", default=DEFAULT_PYTEST, help="the tests to record launches from")
@@ -286,9 +296,11 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _common import git_sha
 
-        meta = {"triton": triton.__version__, "arch": args.arch, "git_sha": git_sha(),
+        meta = {"triton": triton.__version__, "ptxas": _ptxas_version(), "arch": args.arch,
+                "git_sha": git_sha(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
                 "pytest": None if args.launches else args.pytest}  # fmt: skip
-        Path(args.out).write_text(json.dumps({"meta": meta, "launches": results}, indent=1))
+        lines = ",\n".join(json.dumps(r, sort_keys=True) for r in results)  # a launch per line
+        Path(args.out).write_text(f'{{"meta": {json.dumps(meta)},\n"launches": [\n{lines}\n]}}\n')
         print(f"wrote {args.out}")
     return rc
 
