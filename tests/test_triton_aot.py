@@ -125,5 +125,16 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     assert compiled == KERNELS, compiled
     for r in launches:  # what would stop a launch on the GPU is an error above; spills are not
         assert r["smem"] <= 227 * 1024 and r["regs"] * 32 * r["num_warps"] <= 65536
-    # the matcher's GPU tiles (64 x 64, 8 warps), not the interpreter's larger ones
-    assert {r["num_warps"] for r in launches if r["kernel"].endswith(":_knn_kernel")} == {8}
+    # the matcher's GPU tiles (64 x 64, 8 warps; 16 x 16 where a test asks), never the
+    # interpreter's 128 x 256
+    knn = [
+        (_constexprs(r), r["num_warps"]) for r in launches if r["kernel"].endswith("_knn_kernel")
+    ]
+    assert all(c["BLOCK_N"] != 256 for c, _ in knn)
+    assert any((c["BLOCK_M"], c["BLOCK_N"], w) == (64, 64, 8) for c, w in knn)
+
+
+def _constexprs(rec: dict) -> dict:
+    """A recorded launch's constexprs by parameter name (they are keyed by argument index)."""
+    names = [name for name, _ in rec["signature"]]
+    return {names[path[0]]: value for path, value in rec["constexprs"]}
