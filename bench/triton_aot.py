@@ -48,8 +48,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_ENV = "SSLD_TRITON_RECORD"
 SPAWN = multiprocessing.get_context("spawn")
-# Per-block shared memory and register file of sm_90 (H100 / H200): 227 KiB opt-in, 64 K regs.
-LIMITS = {90: {"smem": 227 * 1024, "regs_per_block": 65536}}
+# Per-block shared memory (the opt-in maximum) and registers per block, by compute capability
+# (CUDA programming guide, "Technical Specifications per Compute Capability").
+LIMITS = {
+    80: {"smem": 163 * 1024, "regs_per_block": 65536},  # A100
+    86: {"smem": 99 * 1024, "regs_per_block": 65536},
+    89: {"smem": 99 * 1024, "regs_per_block": 65536},  # L4, L40
+    90: {"smem": 227 * 1024, "regs_per_block": 65536},  # H100, H200
+}
 DEFAULT_PYTEST = (
     "tests/test_divergence.py tests/test_divergence_sparse.py tests/test_divergence_launches.py "
     "tests/test_divergence_triton_configs.py tests/test_match.py tests/test_fused_linear.py "
