@@ -35,13 +35,11 @@ import io
 import json
 import multiprocessing
 import os
-import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -61,10 +59,6 @@ DEFAULT_PYTEST = (
     "tests/test_divergence_triton_configs.py tests/test_match.py tests/test_fused_linear.py "
     "-k triton"
 )
-PTXAS_SPILLS = re.compile(
-    r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads"
-)
-PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
 def _target(arch: int):
@@ -157,19 +151,20 @@ def _untuple(pairs):
 
 
 def _init_worker(cache_dir: str) -> None:
+    """triton_sass's fresh-compile setup (private cache, ptxas -v log), imported only once
+    TRITON_INTERPRET is gone, since triton reads it at import."""
     os.environ.pop("TRITON_INTERPRET", None)
-    from triton import knobs
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from triton_sass import init_worker
 
-    knobs.cache.dir = cache_dir
-    knobs.compilation.always_compile = True
-    knobs.nvidia.dump_ptxas_log = True
-    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # 3.9's notice
+    init_worker(cache_dir)
 
 
 def compile_one(rec: dict, arch: int) -> dict:
     """Compile one recorded launch; the record with regs, spills, smem and errors added."""
     import triton
     from triton.compiler import ASTSource
+    from triton_sass import PTXAS_REGS, PTXAS_SPILLS
 
     out = dict(rec)
     if "record_error" in rec:
@@ -215,20 +210,19 @@ def compile_all(records: list[dict], arch: int, jobs: int) -> list[dict]:
         return list(pool.map(compile_one, records, [arch] * len(records)))
 
 
+def constexprs_by_name(rec: dict) -> dict:
+    """A recorded launch's constexprs by parameter name (recorded by argument path: ``[i]``,
+    or ``[i, j]`` inside a tuple argument, named ``name[j]``)."""
+    names = [name for name, _ in rec["signature"]]
+    return {names[p[0]] + "".join(f"[{i}]" for i in p[1:]): v for p, v in rec["constexprs"]}
+
+
 def _short(rec: dict) -> str:
-    consts = {
-        str(k[0]) if len(k) == 1 else str(k): v for k, v in _untuple(rec["constexprs"]).items()
-    }
-    named = {}
-    params = [p for p, _ in rec["signature"]]
-    for idx, v in consts.items():  # constexpr paths are argument indices
-        key = params[int(idx)] if idx.isdigit() and int(idx) < len(params) else idx
-        if key.isupper() or v is None:
-            named[key] = v
-    opts = dict(rec["options"])
-    upper = " ".join(f"{k}={v}" for k, v in named.items() if k.isupper())
-    nones = ",".join(k for k, v in named.items() if v is None)
-    return f"{upper} w={opts.get('num_warps', '-')} none=[{nones}]"
+    """The launch's upper-case constexprs, warps and None arguments, for the report."""
+    consts = constexprs_by_name(rec)
+    upper = " ".join(f"{k}={v}" for k, v in consts.items() if k.isupper())
+    nones = ",".join(k for k, v in consts.items() if v is None)
+    return f"{upper} w={dict(rec['options']).get('num_warps', '-')} none=[{nones}]"
 
 
 def report(results: list[dict]) -> int:

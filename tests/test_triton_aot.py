@@ -15,6 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "bench" / "triton_aot.py"
+sys.path.insert(0, str(TOOL.parent))
+from triton_aot import constexprs_by_name  # noqa: E402  (imports no triton at module level)
 
 
 def _ptxas_or_skip():
@@ -128,13 +130,9 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     # the matcher's GPU tiles (64 x 64, 8 warps; 16 x 16 where a test asks), never the
     # interpreter's 128 x 256
     knn = [
-        (_constexprs(r), r["num_warps"]) for r in launches if r["kernel"].endswith("_knn_kernel")
+        (constexprs_by_name(r), r["num_warps"])
+        for r in launches
+        if r["kernel"].endswith("_knn_kernel")
     ]
     assert all(c["BLOCK_N"] != 256 for c, _ in knn)
     assert any((c["BLOCK_M"], c["BLOCK_N"], w) == (64, 64, 8) for c, w in knn)
-
-
-def _constexprs(rec: dict) -> dict:
-    """A recorded launch's constexprs by parameter name (they are keyed by argument index)."""
-    names = [name for name, _ in rec["signature"]]
-    return {names[path[0]]: value for path, value in rec["constexprs"]}
